@@ -1,0 +1,3 @@
+from mobinux.cli.main import main
+
+raise SystemExit(main())
