@@ -10,10 +10,10 @@ inventory; tests implement them with a few lines.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
-from collections.abc import Callable
 from typing import Protocol
 
 

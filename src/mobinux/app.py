@@ -1,0 +1,193 @@
+"""Composition root of ``mobinux serve``: builds the services and runs one asyncio loop.
+
+::
+
+    DHCP (67, 4011) --\\                       /-- Inventory (mobinux.db)
+    TFTP (69)       ---+-- BootService -------+
+    HTTP (8080)     --/   (policy + files)     \\-- images/, --tftp-root, loaders
+             \\______________ StepLog (log lines, `mobinux status`)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Protocol
+
+from mobinux.config import ServeConfig
+from mobinux.errors import ConfigError, LocalError
+from mobinux.inventory.db import Inventory
+from mobinux.netif import interface_address
+from mobinux.service.boot import ENDPOINT_SETTING, BootService, Endpoint
+from mobinux.service.steps import StepLog
+
+log = logging.getLogger("mobinux")
+
+LOCK_NAME = "serve.lock"
+LEASES_NAME = "leases.db"
+STEP_FLUSH_INTERVAL = 1.0
+
+
+class Service(Protocol):
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Network:
+    address: IPv4Address
+    subnet: IPv4Network | None
+
+
+def resolve_network(config: ServeConfig) -> Network:
+    """The server address and subnet: from flags, else from the interface."""
+    subnet: IPv4Network | None
+    if config.interface:
+        iface = interface_address(config.interface)
+        address = config.address or iface.ip
+        subnet = config.subnet or iface.network
+    elif config.address is not None:
+        address, subnet = config.address, config.subnet
+    else:
+        raise ConfigError("give --interface or --address so clients know where to reach the server")
+    if config.dhcp_range is not None and subnet is not None:
+        for ip in config.dhcp_range:
+            if ip not in subnet:
+                raise ConfigError(f"--dhcp-range: {ip} is outside the interface's network {subnet}")
+    return Network(address, subnet)
+
+
+class ServerLock:
+    """One server per data directory: an flock held for the server's lifetime."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LocalError(f"another mobinux serve is already using {self.path.parent}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def server_pid(data_dir: Path) -> int | None:
+    """The pid of the server running on *data_dir*, or None."""
+    path = data_dir / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 32).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def build_services(config: ServeConfig, data_dir: Path, inventory: Inventory, steps: StepLog,
+                   network: Network) -> tuple[BootService, list[Service]]:
+    from mobinux.http.server import HttpService
+    from mobinux.tftp.aio import TftpService
+
+    gateway = config.router[0] if config.router else None
+    endpoint = Endpoint(network.address, config.http_port, network.subnet, gateway)
+    inventory.set_setting(ENDPOINT_SETTING, endpoint.to_json())
+    boot = BootService(inventory, endpoint, steps, tftp_root=config.tftp_root,
+                       loader_dirs=config.loader_dirs)
+    host = str(network.address)
+    services: list[Service] = []
+    if config.dhcp != "off":
+        from mobinux.dhcp.aio import DhcpService
+        from mobinux.dhcp.server import DhcpConfig
+
+        assert config.interface is not None and network.subnet is not None
+        first, last = config.dhcp_range if config.dhcp_range else (None, None)
+        dhcp_config = DhcpConfig(
+            mode=config.dhcp,  # type: ignore[arg-type]
+            server_ip=network.address,
+            subnet=network.subnet,
+            pool_first=first,
+            pool_last=last,
+            routers=config.router,
+            dns_servers=config.dns,
+            domain=config.domain,
+            lease_time=config.lease_time,
+            deny_unknown=config.deny_unknown,
+        )
+        services.append(DhcpService(dhcp_config, config.interface, boot, data_dir / LEASES_NAME,
+                                    steps, logging.getLogger("mobinux.dhcp")))
+    services.append(TftpService(boot, host=host, port=config.tftp_port, record_step=steps,
+                                logger=logging.getLogger("mobinux.tftp"),
+                                interface=config.interface))
+    services.append(HttpService(boot, host=host, port=config.http_port, record_step=steps,
+                                logger=logging.getLogger("mobinux.http")))
+    return boot, services
+
+
+async def run(config: ServeConfig, data_dir: Path, ready: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down cleanly."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock = ServerLock(data_dir)
+    lock.acquire()
+    inventory = Inventory(data_dir)
+    steps = StepLog(logging.getLogger("mobinux.boot"))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    started: list[Service] = []
+    try:
+        network = resolve_network(config)
+        _, services = build_services(config, data_dir, inventory, steps, network)
+        for service in services:
+            try:
+                await service.start()
+            except PermissionError as exc:
+                raise LocalError(f"{type(service).__name__}: {exc.strerror}: "
+                                 "ports below 1024 need root (or CAP_NET_BIND_SERVICE)") from None
+            except OSError as exc:
+                raise LocalError(f"{type(service).__name__} cannot start: {exc.strerror or exc}") from None
+            started.append(service)
+        log.info("serving on %s (dhcp %s, tftp :%d, http :%d), data in %s", network.address,
+                 config.dhcp, config.tftp_port, config.http_port, data_dir)
+        if ready is not None:
+            ready.set()
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), STEP_FLUSH_INTERVAL)
+            steps.flush(inventory)
+        log.info("shutting down")
+    finally:
+        for service in reversed(started):
+            try:
+                await service.close()
+            except Exception:  # a failing close must not stop the others
+                log.exception("error while closing %s", type(service).__name__)
+        steps.flush(inventory)
+        inventory.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        lock.release()

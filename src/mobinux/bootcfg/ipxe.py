@@ -1,0 +1,73 @@
+"""iPXE scripts (https://ipxe.org/scripting), the same text for BIOS and UEFI.
+
+With UEFI the kernel's EFI stub finds the initrd by name, so the script names
+the initrd (``initrd --name initrd.img``) and passes ``initrd=initrd.img`` on
+the command line; BIOS kernels ignore that parameter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+INITRD_NAME = "initrd.img"
+
+
+@dataclass(frozen=True)
+class IpxeEntry:
+    label: str
+    title: str
+    kernel_url: str
+    initrd_url: str | None
+    cmdline: str
+
+
+def _quote(text: str) -> str:
+    # iPXE expands ${...} in command arguments; a literal "$" must not start an expansion.
+    return text.replace("${", "$${")
+
+
+def _boot_lines(entry: IpxeEntry) -> list[str]:
+    args = entry.cmdline
+    if entry.initrd_url:
+        args = f"initrd={INITRD_NAME} {args}".strip()
+    lines = [f"kernel {entry.kernel_url} {_quote(args)}".rstrip()]
+    if entry.initrd_url:
+        lines.append(f"initrd --name {INITRD_NAME} {entry.initrd_url}")
+    lines.append("boot")
+    return lines
+
+
+def local_boot_script(reason: str = "") -> str:
+    """Hand the machine back to its firmware, which tries the next boot device.
+
+    ``exit`` returns from iPXE to the BIOS / UEFI boot manager; it is what
+    ipxe.org recommends for "boot from local disk".
+    """
+    lines = ["#!ipxe"]
+    if reason:
+        lines.append(f"echo mobinux: {reason}")
+    lines += ["echo mobinux: booting from the next boot device", "exit", ""]
+    return "\n".join(lines)
+
+
+def render_script(entries: list[IpxeEntry], *, hostname: str, timeout_s: int = 5) -> str:
+    """One entry boots straight away; several give a menu with a timed default."""
+    if not entries:
+        return local_boot_script("no image assigned")
+    lines = ["#!ipxe", f"echo mobinux: booting {_quote(hostname)}"]
+    if len(entries) == 1:
+        lines += _boot_lines(entries[0])
+        lines.append("")
+        return "\n".join(lines)
+    lines.append(f"menu mobinux: {_quote(hostname)}")
+    for entry in entries:
+        lines.append(f"item {entry.label} {_quote(entry.title)}")
+    lines.append("item local Boot from the next boot device")
+    lines.append(f"choose --default {entries[0].label} --timeout {timeout_s * 1000} target && goto ${{target}}")
+    lines.append("goto local")
+    for entry in entries:
+        lines.append(f":{entry.label}")
+        lines += _boot_lines(entry)
+        lines.append("goto local")
+    lines += [":local", "exit", ""]
+    return "\n".join(lines)

@@ -1,0 +1,370 @@
+"""The inventory database: nodes, images and policies in ``<data-dir>/mobinux.db``.
+
+SQLite in WAL mode so the CLI can write while ``mobinux serve`` reads; the
+server notices changes through ``PRAGMA data_version`` (see
+:meth:`Inventory.generation`) and never needs a restart. Every write is one
+transaction, so ``kill -9`` at any moment leaves either the old or the new
+state. Schema changes are numbered migrations applied in order.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mobinux.errors import InventoryError, LocalError
+
+DB_NAME = "mobinux.db"
+
+_MIGRATIONS: tuple[str, ...] = (
+    # 1: first schema
+    """
+    CREATE TABLE images (
+        name      TEXT PRIMARY KEY,
+        kind      TEXT NOT NULL,            -- 'ramdisk'
+        kernel    TEXT NOT NULL,            -- path relative to the data dir
+        initrd    TEXT,                     -- path relative to the data dir
+        cmdline   TEXT NOT NULL DEFAULT '',
+        size      INTEGER NOT NULL DEFAULT 0,
+        sha256    TEXT NOT NULL DEFAULT '',
+        created   REAL NOT NULL
+    );
+    CREATE TABLE nodes (
+        name      TEXT PRIMARY KEY,
+        mac       TEXT NOT NULL UNIQUE,
+        ip        TEXT UNIQUE,
+        images    TEXT NOT NULL DEFAULT '[]',  -- JSON list of image names, first = default
+        boot      TEXT NOT NULL DEFAULT 'ramdisk',
+        loader    TEXT NOT NULL DEFAULT 'ipxe',
+        cmdline   TEXT NOT NULL DEFAULT '',
+        created   REAL NOT NULL
+    );
+    CREATE TABLE settings (
+        key       TEXT PRIMARY KEY,
+        value     TEXT NOT NULL
+    );
+    CREATE TABLE boot_steps (
+        id        INTEGER PRIMARY KEY AUTOINCREMENT,
+        mac       TEXT,
+        ip        TEXT,
+        time      REAL NOT NULL,
+        step      TEXT NOT NULL
+    );
+    CREATE INDEX boot_steps_mac ON boot_steps(mac, id);
+    """,
+)
+
+BOOT_MODES = ("ramdisk", "kernel", "iscsi", "local")
+LOADERS = ("ipxe", "pxelinux")
+UNKNOWN_POLICIES = ("deny", "default", "enroll")
+
+
+@dataclass(frozen=True)
+class Image:
+    name: str
+    kind: str
+    kernel: str
+    initrd: str | None
+    cmdline: str
+    size: int
+    sha256: str
+    created: float
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "kernel": self.kernel,
+            "initrd": self.initrd,
+            "cmdline": self.cmdline,
+            "size": self.size,
+            "sha256": self.sha256,
+            "created": self.created,
+        }
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    mac: str
+    ip: str | None
+    images: tuple[str, ...]
+    boot: str = "ramdisk"
+    loader: str = "ipxe"
+    cmdline: str = ""
+    created: float = field(default=0.0)
+
+    @property
+    def image(self) -> str | None:
+        return self.images[0] if self.images else None
+
+
+@dataclass(frozen=True)
+class UnknownPolicy:
+    action: str  # deny | default | enroll
+    image: str | None
+
+
+@dataclass(frozen=True)
+class BootStep:
+    mac: str | None
+    ip: str | None
+    time: float
+    step: str
+
+
+def _node_from_row(row: sqlite3.Row) -> Node:
+    return Node(
+        name=row["name"],
+        mac=row["mac"],
+        ip=row["ip"],
+        images=tuple(json.loads(row["images"])),
+        boot=row["boot"],
+        loader=row["loader"],
+        cmdline=row["cmdline"],
+        created=row["created"],
+    )
+
+
+def _image_from_row(row: sqlite3.Row) -> Image:
+    return Image(
+        name=row["name"],
+        kind=row["kind"],
+        kernel=row["kernel"],
+        initrd=row["initrd"],
+        cmdline=row["cmdline"],
+        size=row["size"],
+        sha256=row["sha256"],
+        created=row["created"],
+    )
+
+
+class Inventory:
+    """Typed access to ``mobinux.db``. One instance per process (not thread-safe)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(data_dir / DB_NAME, isolation_level=None, timeout=10.0)
+        except (OSError, sqlite3.Error) as exc:
+            raise LocalError(f"cannot open the data directory {data_dir}: {exc}") from exc
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- plumbing ---------------------------------------------------------
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._tx() as db:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if version > len(_MIGRATIONS):
+                raise LocalError(
+                    f"{self.data_dir / DB_NAME} was written by a newer Mobinux "
+                    f"(schema {version}); upgrade mobinux"
+                )
+            for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+                for statement in script.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version={number}")
+
+    def generation(self) -> tuple[int, int]:
+        """Changes whenever anyone commits (cheap; used to refresh caches).
+
+        ``PRAGMA data_version`` moves on commits by other connections (the CLI),
+        ``total_changes`` on this connection's own.
+        """
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0]), self._db.total_changes
+
+    # -- images -----------------------------------------------------------
+
+    def add_image(self, image: Image) -> None:
+        try:
+            with self._tx() as db:
+                db.execute(
+                    "INSERT INTO images (name, kind, kernel, initrd, cmdline, size, sha256, created)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (image.name, image.kind, image.kernel, image.initrd, image.cmdline,
+                     image.size, image.sha256, image.created),
+                )
+        except sqlite3.IntegrityError:
+            raise InventoryError(
+                f"image {image.name!r} already exists; remove it first "
+                f"(mobinux image remove {image.name})"
+            ) from None
+
+    def get_image(self, name: str) -> Image | None:
+        row = self._db.execute("SELECT * FROM images WHERE name = ?", (name,)).fetchone()
+        return None if row is None else _image_from_row(row)
+
+    def images(self) -> list[Image]:
+        return [_image_from_row(r) for r in self._db.execute("SELECT * FROM images ORDER BY name")]
+
+    def remove_image(self, name: str) -> Image:
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM images WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise InventoryError(f"no image named {name!r} (see: mobinux image list)")
+            users = [
+                r["name"]
+                for r in db.execute("SELECT name, images FROM nodes")
+                if name in json.loads(r["images"])
+            ]
+            if users:
+                raise InventoryError(
+                    f"image {name!r} is used by node(s) {', '.join(sorted(users))}; "
+                    "give them another image first (mobinux node set NAME --image OTHER)"
+                )
+            policy = self.unknown_policy()
+            if policy.image == name and policy.action != "deny":
+                raise InventoryError(
+                    f"image {name!r} is the unknown-client policy's image; "
+                    "change it first (mobinux policy unknown ...)"
+                )
+            db.execute("DELETE FROM images WHERE name = ?", (name,))
+            return _image_from_row(row)
+
+    # -- nodes ------------------------------------------------------------
+
+    def add_node(self, node: Node) -> None:
+        with self._tx() as db:
+            self._check_node_conflicts(db, node, replacing=None)
+            db.execute(
+                "INSERT INTO nodes (name, mac, ip, images, boot, loader, cmdline, created)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (node.name, node.mac, node.ip, json.dumps(list(node.images)), node.boot,
+                 node.loader, node.cmdline, node.created or time.time()),
+            )
+
+    def replace_node(self, old_name: str, node: Node) -> None:
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM nodes WHERE name = ?", (old_name,)).fetchone() is None:
+                raise InventoryError(f"no node named {old_name!r} (see: mobinux node list)")
+            self._check_node_conflicts(db, node, replacing=old_name)
+            db.execute(
+                "UPDATE nodes SET name=?, mac=?, ip=?, images=?, boot=?, loader=?, cmdline=?"
+                " WHERE name = ?",
+                (node.name, node.mac, node.ip, json.dumps(list(node.images)), node.boot,
+                 node.loader, node.cmdline, old_name),
+            )
+
+    def _check_node_conflicts(self, db: sqlite3.Connection, node: Node, replacing: str | None) -> None:
+        for column, value, what in (("name", node.name, "name"), ("mac", node.mac, "MAC address"),
+                                    ("ip", node.ip, "IP address")):
+            if value is None:
+                continue
+            row = db.execute(f"SELECT name FROM nodes WHERE {column} = ?", (value,)).fetchone()
+            if row is not None and row["name"] != replacing:
+                raise InventoryError(f"node {row['name']!r} already has the {what} {value}")
+        for image in node.images:
+            if db.execute("SELECT 1 FROM images WHERE name = ?", (image,)).fetchone() is None:
+                raise InventoryError(f"no image named {image!r} (see: mobinux image list)")
+
+    def get_node(self, name: str) -> Node | None:
+        row = self._db.execute("SELECT * FROM nodes WHERE name = ?", (name,)).fetchone()
+        return None if row is None else _node_from_row(row)
+
+    def node_by_mac(self, mac: str) -> Node | None:
+        row = self._db.execute("SELECT * FROM nodes WHERE mac = ?", (mac,)).fetchone()
+        return None if row is None else _node_from_row(row)
+
+    def nodes(self) -> list[Node]:
+        return [_node_from_row(r) for r in self._db.execute("SELECT * FROM nodes ORDER BY name")]
+
+    def remove_node(self, name: str) -> Node:
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM nodes WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise InventoryError(f"no node named {name!r} (see: mobinux node list)")
+            db.execute("DELETE FROM nodes WHERE name = ?", (name,))
+            return _node_from_row(row)
+
+    # -- policy -----------------------------------------------------------
+
+    def unknown_policy(self) -> UnknownPolicy:
+        rows = dict(
+            (r["key"], r["value"])
+            for r in self._db.execute(
+                "SELECT key, value FROM settings WHERE key IN ('unknown.action', 'unknown.image')"
+            )
+        )
+        return UnknownPolicy(rows.get("unknown.action", "deny"), rows.get("unknown.image"))
+
+    def set_unknown_policy(self, policy: UnknownPolicy) -> None:
+        if policy.action not in UNKNOWN_POLICIES:
+            raise InventoryError(f"unknown policy {policy.action!r}: use deny, default or enroll")
+        with self._tx() as db:
+            if policy.image is not None and db.execute(
+                "SELECT 1 FROM images WHERE name = ?", (policy.image,)
+            ).fetchone() is None:
+                raise InventoryError(f"no image named {policy.image!r} (see: mobinux image list)")
+            db.execute(
+                "INSERT OR REPLACE INTO settings (key, value) VALUES ('unknown.action', ?)",
+                (policy.action,),
+            )
+            if policy.image is None:
+                db.execute("DELETE FROM settings WHERE key = 'unknown.image'")
+            else:
+                db.execute(
+                    "INSERT OR REPLACE INTO settings (key, value) VALUES ('unknown.image', ?)",
+                    (policy.image,),
+                )
+
+    # -- free-form settings -------------------------------------------------
+
+    def get_setting(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row["value"])
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, value))
+
+    # -- boot steps -------------------------------------------------------
+
+    KEEP_STEPS_PER_CLIENT = 20
+
+    def add_boot_steps(self, steps: list[BootStep]) -> None:
+        """Append steps in one transaction, keeping the newest few per client."""
+        if not steps:
+            return
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO boot_steps (mac, ip, time, step) VALUES (?, ?, ?, ?)",
+                [(s.mac, s.ip, s.time, s.step) for s in steps],
+            )
+            for mac in {s.mac for s in steps}:
+                db.execute(
+                    "DELETE FROM boot_steps WHERE mac IS ? AND id NOT IN "
+                    "(SELECT id FROM boot_steps WHERE mac IS ? ORDER BY id DESC LIMIT ?)",
+                    (mac, mac, self.KEEP_STEPS_PER_CLIENT),
+                )
+
+    def boot_steps(self, mac: str | None = None) -> list[BootStep]:
+        if mac is None:
+            rows = self._db.execute("SELECT * FROM boot_steps ORDER BY id")
+        else:
+            rows = self._db.execute("SELECT * FROM boot_steps WHERE mac = ? ORDER BY id", (mac,))
+        return [BootStep(r["mac"], r["ip"], r["time"], r["step"]) for r in rows]

@@ -1,0 +1,1 @@
+"""Services that turn inventory into boot decisions (between protocols and inventory)."""

@@ -1,0 +1,324 @@
+"""Boot decisions from the inventory: what a client boots, and the files behind it.
+
+:class:`BootService` implements both :class:`mobinux.boot.BootPolicy` (asked by
+DHCP) and :class:`mobinux.boot.FileResolver` (asked by TFTP and HTTP). It reads
+the inventory on every decision through a small cache refreshed whenever the
+database changes, so CLI edits take effect without a restart.
+
+The file namespace clients see (TFTP and HTTP alike)::
+
+    boot/<mac>.ipxe          generated iPXE script of a node (also boot.ipxe?mac=...)
+    pxelinux.cfg/<name>      generated pxelinux config (UUID, 01-<mac>, hex IP, default)
+    images/<image>/<file>    kernels and initrds in <data-dir>/images
+    <anything else>          --tftp-root first, then the system loader directories
+                             (pxelinux.0, ldlinux.c32, undionly.kpxe, snponly.efi, ...)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from urllib.parse import parse_qs
+
+from mobinux.boot import BootOffer, BootRequest, Firmware, ResolvedFile
+from mobinux.bootcfg import cmdline as cmdline_mod
+from mobinux.bootcfg import ipxe, pxelinux
+from mobinux.errors import InventoryError, PathRefused
+from mobinux.inventory.db import Image, Inventory, Node
+from mobinux.paths import contained_file
+from mobinux.service.steps import StepLog
+
+log = logging.getLogger("mobinux.boot")
+
+BIOS_IPXE_LOADER = "undionly.kpxe"  # iPXE over the firmware's UNDI driver (works on any NIC)
+UEFI_IPXE_LOADER = "snponly.efi"  # iPXE over the firmware's SNP driver
+PXELINUX_LOADER = "pxelinux.0"
+
+_MAC_HEX = re.compile(r"^(?:01-)?([0-9a-f]{2})[-:]?([0-9a-f]{2})[-:]?([0-9a-f]{2})[-:]?"
+                      r"([0-9a-f]{2})[-:]?([0-9a-f]{2})[-:]?([0-9a-f]{2})$")
+
+
+def normalise_mac(text: str) -> str | None:
+    """``52-54-00-00-00-01``, ``525400000001``, ``52:54:00:00:00:01`` -> colon form."""
+    match = _MAC_HEX.match(text.strip().lower())
+    return None if match is None else ":".join(match.groups())
+
+
+def default_node_name(mac: str) -> str:
+    return "node-" + mac.replace(":", "")
+
+
+ENDPOINT_SETTING = "server.endpoint"  # written by `mobinux serve`, read by the CLI
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where clients reach this server."""
+
+    server: IPv4Address
+    http_port: int
+    subnet: IPv4Network | None = None
+    gateway: IPv4Address | None = None
+
+    def to_json(self) -> str:
+        return json.dumps({"server": str(self.server), "http_port": self.http_port,
+                           "subnet": None if self.subnet is None else str(self.subnet),
+                           "gateway": None if self.gateway is None else str(self.gateway)})
+
+    @classmethod
+    def from_json(cls, text: str) -> Endpoint:
+        d = json.loads(text)
+        return cls(IPv4Address(d["server"]), int(d["http_port"]),
+                   None if d["subnet"] is None else IPv4Network(d["subnet"]),
+                   None if d["gateway"] is None else IPv4Address(d["gateway"]))
+
+    def http_url(self, path: str) -> str:
+        host = str(self.server) if self.http_port == 80 else f"{self.server}:{self.http_port}"
+        return f"http://{host}/{path.lstrip('/')}"
+
+
+class BootService:
+    def __init__(
+        self,
+        inventory: Inventory,
+        endpoint: Endpoint,
+        steps: StepLog,
+        *,
+        tftp_root: Path | None = None,
+        loader_dirs: tuple[Path, ...] = (),
+    ) -> None:
+        self._inv = inventory
+        self._endpoint = endpoint
+        self._steps = steps
+        self._tftp_root = tftp_root
+        self._loader_dirs = loader_dirs
+        self._images_dir = inventory.data_dir / "images"
+        self._generation: tuple[int, int] | None = None
+        self._nodes_by_mac: dict[str, Node] = {}
+        self._images: dict[str, Image] = {}
+        self._policy = inventory.unknown_policy()
+        self._warned: set[str] = set()
+
+    # -- cache ------------------------------------------------------------
+
+    def _refresh(self) -> None:
+        generation = self._inv.generation()
+        if generation == self._generation:
+            return
+        self._nodes_by_mac = {n.mac: n for n in self._inv.nodes()}
+        self._images = {i.name: i for i in self._inv.images()}
+        self._policy = self._inv.unknown_policy()
+        self._generation = generation
+
+    def _node_for_mac(self, mac: str, *, enroll: bool) -> Node | None:
+        """The registered node, or what the unknown-client policy makes of *mac*."""
+        self._refresh()
+        node = self._nodes_by_mac.get(mac)
+        if node is not None:
+            return node
+        policy = self._policy
+        if policy.action == "deny" or policy.image is None:
+            return None
+        transient = Node(name=default_node_name(mac), mac=mac, ip=None, images=(policy.image,),
+                         created=time.time())
+        if policy.action == "enroll" and enroll:
+            try:
+                self._inv.add_node(transient)
+                log.info("%s enrolled as node %s with image %s", mac, transient.name, policy.image)
+            except InventoryError as exc:
+                log.warning("%s could not be enrolled: %s", mac, exc)
+            self._generation = None
+        return transient
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("%s", message)
+
+    # -- BootPolicy -------------------------------------------------------
+
+    def is_known(self, mac: str) -> bool:
+        self._refresh()
+        return mac in self._nodes_by_mac
+
+    def fixed_address(self, mac: str) -> IPv4Address | None:
+        self._refresh()
+        node = self._nodes_by_mac.get(mac)
+        return None if node is None or node.ip is None else IPv4Address(node.ip)
+
+    def boot_offer(self, request: BootRequest) -> BootOffer | None:
+        node = self._node_for_mac(request.mac, enroll=True)
+        if node is None:
+            return None
+        if request.ip is not None:
+            self._steps.learn(request.mac, str(request.ip))
+        filename = self._boot_filename(node, request)
+        if filename is None:
+            return None
+        return BootOffer(filename=filename, next_server=self._endpoint.server)
+
+    def _boot_filename(self, node: Node, request: BootRequest) -> str | None:
+        firmware = request.firmware
+        script = self.script_url(node.mac)
+        if request.http_client:
+            # UEFI HTTP boot: the firmware fetches an EFI binary by URL (UEFI 2.5+ §24.7).
+            if firmware is Firmware.UEFI_X64 and not request.is_ipxe:
+                return self._endpoint.http_url(UEFI_IPXE_LOADER)
+            return script if request.is_ipxe else None
+        if firmware is Firmware.BIOS:
+            if node.loader == "pxelinux":
+                return PXELINUX_LOADER  # wins even under iPXE, which then runs pxelinux.0
+            return script if request.is_ipxe else BIOS_IPXE_LOADER
+        if request.is_ipxe:
+            return script
+        if firmware is Firmware.UEFI_X64:
+            return UEFI_IPXE_LOADER
+        self._warn_once(f"arch-{request.arch}", f"{request.mac}: no iPXE loader for firmware "
+                        f"{firmware.value} (option 93 = {request.arch}); not booting it")
+        return None
+
+    def script_url(self, mac: str) -> str:
+        return self._endpoint.http_url(f"boot/{mac.replace(':', '-')}.ipxe")
+
+    # -- per-node boot text ------------------------------------------------
+
+    def _network(self, node: Node, client_ip: str | None) -> cmdline_mod.NodeNetwork:
+        ip_text = node.ip or client_ip
+        ip = None
+        if ip_text:
+            try:
+                ip = IPv4Address(ip_text)
+            except ValueError:
+                ip = None
+        return cmdline_mod.NodeNetwork(
+            mac=node.mac, hostname=node.name, server=self._endpoint.server, ip=ip,
+            subnet=self._endpoint.subnet, gateway=self._endpoint.gateway,
+        )
+
+    def boot_cmdline(self, node: Node, image: Image, client_ip: str | None = None) -> str:
+        template = cmdline_mod.join(image.cmdline, node.cmdline)
+        return cmdline_mod.render(template, self._network(node, client_ip))
+
+    def _entries(self, node: Node) -> list[Image]:
+        self._refresh()
+        images = [self._images[name] for name in node.images if name in self._images]
+        return [] if node.boot == "local" else images
+
+    def ipxe_script(self, node: Node, client_ip: str | None) -> str:
+        if node.boot == "local":
+            return ipxe.local_boot_script()
+        entries = [
+            ipxe.IpxeEntry(
+                label=f"img{i}",
+                title=image.name,
+                kernel_url=self._endpoint.http_url(image.kernel),
+                initrd_url=None if image.initrd is None else self._endpoint.http_url(image.initrd),
+                cmdline=self.boot_cmdline(node, image, client_ip),
+            )
+            for i, image in enumerate(self._entries(node))
+        ]
+        return ipxe.render_script(entries, hostname=node.name)
+
+    def pxelinux_config(self, node: Node | None, client_ip: str | None) -> str:
+        if node is None or node.boot == "local":
+            return pxelinux.render_config([], local_boot=True)
+        entries = [
+            pxelinux.PxeEntry(
+                label=re.sub(r"[^A-Za-z0-9_.-]", "_", image.name),
+                kernel="/" + image.kernel,
+                initrd=None if image.initrd is None else "/" + image.initrd,
+                append=self.boot_cmdline(node, image, client_ip),
+                title=image.name,
+            )
+            for image in self._entries(node)
+        ]
+        return pxelinux.render_config(entries)
+
+    # -- FileResolver -----------------------------------------------------
+
+    def resolve(self, name: str, client_ip: str, query: str = "") -> ResolvedFile | None:
+        head, _, rest = name.partition("/")
+        if name == "boot.ipxe":
+            macs = parse_qs(query).get("mac", [])
+            mac = normalise_mac(macs[0]) if macs else self._steps.mac_by_ip.get(client_ip)
+            return self._script_file(name, mac, client_ip)
+        if head == "boot" and rest.endswith(".ipxe") and "/" not in rest:
+            return self._script_file(name, normalise_mac(rest[: -len(".ipxe")]), client_ip)
+        if head == "pxelinux.cfg" and rest and "/" not in rest:
+            return self._pxelinux_file(name, rest, client_ip)
+        if head == "images" and rest:
+            path = contained_file(self._images_dir, rest)
+            return None if path is None else ResolvedFile(name, path=path,
+                                                          mac=self._steps.mac_by_ip.get(client_ip))
+        return self._static_file(name, client_ip)
+
+    def _script_file(self, name: str, mac: str | None, client_ip: str) -> ResolvedFile | None:
+        if mac is None:
+            return None
+        node = self._node_for_mac(mac, enroll=False)
+        if node is None:
+            text = ipxe.local_boot_script("this machine is not registered")
+        else:
+            text = self.ipxe_script(node, client_ip)
+        self._steps.learn(mac, client_ip)
+        return ResolvedFile(name, data=text.encode(), mac=mac)
+
+    def _pxelinux_file(self, name: str, leaf: str, client_ip: str) -> ResolvedFile | None:
+        mac = pxelinux.mac_from_name(leaf)
+        if mac is not None:
+            node = self._node_for_mac(mac, enroll=False)
+            if node is None:
+                return None  # let pxelinux go on to the next name, as with a missing file
+            self._steps.learn(mac, client_ip)
+            return ResolvedFile(name, data=self.pxelinux_config(node, client_ip).encode(), mac=mac)
+        known_mac = self._steps.mac_by_ip.get(client_ip)
+        node = None if known_mac is None else self._node_for_mac(known_mac, enroll=False)
+        try:
+            ip = IPv4Address(client_ip)
+        except ValueError:
+            ip = None
+        if leaf == "default" or (ip is not None and node is not None and leaf == pxelinux.ip_hex(ip)):
+            text = self.pxelinux_config(node, client_ip)
+            return ResolvedFile(name, data=text.encode(), mac=known_mac)
+        return None  # UUID and shorter hex names: not found, pxelinux tries the next
+
+    def _static_file(self, name: str, client_ip: str) -> ResolvedFile | None:
+        mac = self._steps.mac_by_ip.get(client_ip)
+        if self._tftp_root is not None:
+            path = contained_file(self._tftp_root, name)
+            if path is not None:
+                return ResolvedFile(name, path=path, mac=mac)
+        if "/" in name:
+            return None
+        for directory in self._loader_dirs:
+            try:
+                path = contained_file(directory, name)
+            except PathRefused:
+                continue  # a system file linking elsewhere is simply not offered
+            if path is not None:
+                return ResolvedFile(name, path=path, mac=mac)
+        return None
+
+    # -- for the CLI ------------------------------------------------------
+
+    def describe_node(self, node: Node) -> dict[str, object]:
+        self._refresh()
+        image = self._images.get(node.image) if node.image else None
+        boot_cmdline = "" if image is None else self.boot_cmdline(node, image)
+        return {
+            "name": node.name,
+            "mac": node.mac,
+            "ip": node.ip,
+            "image": node.image,
+            "images": list(node.images),
+            "boot": node.boot,
+            "loader": node.loader,
+            "cmdline": node.cmdline,
+            "boot_cmdline": boot_cmdline,
+            "script_url": self.script_url(node.mac),
+        }
