@@ -81,6 +81,7 @@ def _ramdisk(args: argparse.Namespace, inv: Inventory) -> int:
     if final.exists():  # left over by an interrupted run that never registered it
         shutil.rmtree(final)
     work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=images))
+    work.chmod(0o755)  # mkdtemp makes it private; images are served to anyone who boots
     try:
         shutil.copyfile(args.kernel, work / "vmlinuz")
         info = pack_ramdisk(args.dir, work / "initrd.img", compression=args.compression,

@@ -1,0 +1,640 @@
+"""asyncio adapter for the TFTP server: :class:`TftpService`.
+
+One listening socket receives requests; every accepted read gets its own
+socket on a fresh ephemeral port (its TID, RFC 1350 §4), connected to the
+client, so the kernel filters foreign TIDs and ``IP_MTU`` gives the path MTU.
+Each transfer is driven by ``loop.add_reader`` on that socket: the callback
+receives the ACK, feeds the sans-I/O :class:`~mobinux.tftp.session.ReadSession`
+and sends the next DATA (or window) synchronously with non-blocking sends, so
+no task, future or log record is created per packet. Each transfer has one
+lazily re-armed ``loop.call_at`` timer for retransmissions.
+
+Windows (RFC 7440) go out as one UDP GSO ``sendmsg`` (``UDP_SEGMENT``) when
+the kernel accepts it, falling back to one ``send`` per block.
+
+Disk reads: see :class:`FileSource`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+from mobinux import paths
+from mobinux.boot import FileResolver, ResolvedFile, StepRecorder
+from mobinux.errors import MalformedPacket, PathRefused
+from mobinux.tftp.constants import (
+    BLKSIZE_MAX,
+    BLKSIZE_MIN,
+    DATA_HEADER_LEN,
+    UDP_IPV4_OVERHEAD,
+    WINDOWSIZE_CAP,
+    ErrorCode,
+)
+from mobinux.tftp.packet import Error, ReadRequest, error_bytes
+from mobinux.tftp.session import (
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    BlockSource,
+    BytesSource,
+    Outcome,
+    ReadSession,
+    classify_request,
+)
+
+__all__ = ["FileSource", "TftpService"]
+
+# Linux constants the socket module does not export.
+_IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+_IP_MTU = getattr(socket, "IP_MTU", 14)
+_UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
+_SOL_UDP = getattr(socket, "SOL_UDP", 17)
+_SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+_PKTINFO = struct.Struct("=i4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
+_GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS on Linux < 6.9 (128 since)
+_GSO_MAX_BYTES = 0xFFFF - UDP_IPV4_OVERHEAD  # one GSO super-datagram is one IP packet
+_WARM_BYTES = 1 << 20  # how much a cache-miss read pulls in off the loop
+_RECV_BUF = 0xFFFF
+_REQUEST_BATCH = 64  # requests handled per wake-up of the listening socket
+_LOG_INTERVAL = 10.0  # seconds between two log lines about dropped packets
+
+_RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
+_IN_PROGRESS = Outcome.IN_PROGRESS
+
+
+class FileSource:
+    """A :class:`~mobinux.tftp.session.BlockSource` over an open file.
+
+    Reads go straight into the session's window buffer with ``os.preadv``.
+    They run on the event loop, which is right for boot files: they sit in the
+    page cache (served over and over, and the kernel's read-ahead, which
+    ``POSIX_FADV_SEQUENTIAL`` doubles, keeps the next blocks of a sequential
+    read coming), and a page-cache ``preadv`` is a memcpy of a few
+    microseconds, cheaper than any hop to a thread. To keep a cold file from
+    stalling every other transfer, reads use ``RWF_NOWAIT``: if the bytes are
+    not cached the kernel refuses instead of blocking, :meth:`readinto` raises
+    :class:`BlockingIOError`, and the adapter calls :meth:`warm` in a worker
+    thread (shared executor, not one per transfer) before retrying.
+    """
+
+    __slots__ = ("_fd", "_nowait", "miss_offset", "size")
+
+    def __init__(self, fd: int, size: int) -> None:
+        self._fd = fd
+        self.size = size
+        self._nowait = _RWF_NOWAIT
+        self.miss_offset = 0
+
+    @classmethod
+    def open(cls, path: Path) -> FileSource:
+        """Open a regular file; raise FileNotFoundError for anything else."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise FileNotFoundError(errno.ENOENT, "not a regular file", str(path))
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, st.st_size)
+
+    def readinto(self, views: Sequence[memoryview], offset: int) -> int:
+        if self._nowait:
+            try:
+                n = os.preadv(self._fd, views, offset, self._nowait)
+            except BlockingIOError:
+                self.miss_offset = offset
+                raise
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._nowait = 0  # this file system has no RWF_NOWAIT
+            else:
+                # A short read before EOF means only part was cached.
+                # (views are equal-length blocks, see BlockSource.readinto).
+                if offset + n < self.size and n < len(views) * len(views[0]):
+                    self.miss_offset = offset + n
+                    raise BlockingIOError(errno.EAGAIN, "not in page cache")
+                return n
+        return os.preadv(self._fd, views, offset)
+
+    def warm(self) -> None:
+        """Blocking: bring the bytes after the last miss into the page cache."""
+        os.pread(self._fd, _WARM_BYTES, self.miss_offset)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class _RateLimitedLog:
+    """At most one log line per interval for a noisy condition, with a count."""
+
+    __slots__ = ("_logger", "_next", "_suppressed")
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+        self._next = 0.0
+        self._suppressed = 0
+
+    def __call__(self, now: float, level: int, msg: str, *args: object) -> None:
+        if now < self._next:
+            self._suppressed += 1
+            return
+        if self._suppressed:
+            msg += " (%d more since the last report)"
+            args = (*args, self._suppressed)
+        self._suppressed = 0
+        self._next = now + _LOG_INTERVAL
+        self._logger.log(level, msg, *args)
+
+
+class _Transfer:
+    """One read transfer: its socket, session, source and timer."""
+
+    __slots__ = (
+        "_gso_anc",
+        "_loop",
+        "_rbuf",
+        "_recorded",
+        "_recv_into",
+        "_rview",
+        "_send",
+        "_service",
+        "_session",
+        "_sock",
+        "_source",
+        "_time",
+        "_timer",
+        "_warming",
+        "client",
+        "closed",
+        "name",
+        "resolved",
+    )
+
+    def __init__(
+        self,
+        service: TftpService,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        session: ReadSession,
+        source: BlockSource,
+        client: tuple[str, int],
+        resolved: ResolvedFile,
+    ) -> None:
+        self._service = service
+        self._loop = loop
+        self._sock = sock
+        self._session = session
+        self._source = source
+        self.client = client
+        self.resolved = resolved
+        self.name = resolved.name
+        self._recv_into = sock.recv_into
+        self._send = sock.send
+        self._rbuf = service._rbuf
+        self._rview = service._rview
+        self._time = loop.time
+        self._timer: asyncio.TimerHandle | None = None
+        self._warming = False
+        self._recorded = False
+        self.closed = False
+        stride = session.stride
+        self._gso_anc: list[tuple[int, int, bytes]] | None = None
+        if service._gso and session.windowsize > 1 and 2 * stride <= _GSO_MAX_BYTES:
+            self._gso_anc = [(_SOL_UDP, _UDP_SEGMENT, struct.pack("=H", stride))]
+
+    def start(self) -> None:
+        self._loop.add_reader(self._sock.fileno(), self._on_readable)
+        self._flush()
+        if not self.closed:
+            self._arm()
+
+    # -- hot path ---------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        try:
+            n = self._recv_into(self._rbuf)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            # ECONNREFUSED: an ICMP port unreachable came back, the client
+            # has gone away (its TID is closed).
+            self._end(f"socket error: {exc.strerror or exc}")
+            return
+        try:
+            self._session.receive_datagram(self._rview[:n], self._time())
+        except MalformedPacket as exc:
+            self._service._malformed(self.client, exc)
+            return
+        self._flush()
+
+    def _flush(self) -> None:
+        session = self._session
+        try:
+            burst = session.take_burst()
+        except BlockingIOError:
+            self._start_warm()
+            return
+        if burst is not None:
+            view, stride = burst
+            try:
+                if len(view) <= stride:
+                    self._send(view)
+                elif self._gso_anc is not None:
+                    self._send_gso(view, stride)
+                else:
+                    self._send_each(view, stride)
+            except (BlockingIOError, InterruptedError):
+                pass  # send buffer full: dropped like a lost packet; the timer resends
+            except ConnectionRefusedError:
+                self._end("client port unreachable")
+                return
+            except OSError as exc:
+                self._end(f"send failed: {exc.strerror or exc}")
+                return
+        if session.outcome is not _IN_PROGRESS:
+            self._end(None)
+            return
+        if not self._recorded and session.started:
+            self._recorded = True
+            self._service._record(self)
+        # The client is now busy with what was just sent: read the next
+        # window meanwhile, so its ACK is answered without a disk read.
+        try:
+            session.prepare_next()
+        except BlockingIOError:
+            self._start_warm()
+
+    def _send_gso(self, view: memoryview, stride: int) -> None:
+        # UDP_SEGMENT: the kernel cuts one buffer into stride-sized datagrams
+        # (the last may be shorter): one syscall per window chunk.
+        chunk = min(_GSO_MAX_SEGMENTS, _GSO_MAX_BYTES // stride) * stride
+        sendmsg = self._sock.sendmsg
+        anc = self._gso_anc
+        for start in range(0, len(view), chunk):
+            part = view[start : start + chunk]
+            try:
+                sendmsg([part], anc)  # type: ignore[arg-type]
+            except (BlockingIOError, InterruptedError, ConnectionRefusedError):
+                raise
+            except OSError:
+                # EIO/EINVAL: no GSO on this route (no checksum offload, old
+                # kernel). Stop trying for this service; send block by block.
+                self._service._gso = False
+                self._gso_anc = None
+                self._send_each(view[start:], stride)
+                return
+
+    def _send_each(self, view: memoryview, stride: int) -> None:
+        send = self._send
+        for start in range(0, len(view), stride):
+            send(view[start : start + stride])
+
+    # -- timer ------------------------------------------------------------
+
+    def _arm(self) -> None:
+        when = self._session.get_timer()
+        if when is not None:
+            self._timer = self._loop.call_at(when, self._on_timer, when)
+
+    def _on_timer(self, when: float) -> None:
+        self._timer = None
+        if self.closed:
+            return
+        session = self._session
+        if self._warming:
+            # A disk read is in flight: not the client's fault, wait for it.
+            self._timer = self._loop.call_at(self._time() + session.timeout, self._on_timer, 0.0)
+            return
+        # The loop runs timers up to its clock resolution early: it is due.
+        session.handle_timer(max(self._time(), when))
+        self._flush()
+        if not self.closed:
+            self._arm()
+
+    # -- cold file --------------------------------------------------------
+
+    def _start_warm(self) -> None:
+        source = self._source
+        if self._warming or not isinstance(source, FileSource):
+            return
+        self._warming = True
+        fut = self._loop.run_in_executor(None, source.warm)
+        fut.add_done_callback(self._warm_done)
+
+    def _warm_done(self, fut: asyncio.Future[None]) -> None:
+        self._warming = False
+        exc = fut.exception() if not fut.cancelled() else None
+        if self.closed:
+            self._close_source()
+            return
+        if exc is not None and isinstance(self._source, FileSource):
+            # Let the next read fail (or succeed) synchronously and report it.
+            self._source._nowait = 0
+        self._flush()
+
+    # -- ending -----------------------------------------------------------
+
+    def _end(self, why: str | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        session = self._session
+        if session.outcome is Outcome.IN_PROGRESS:
+            session.abort()
+        with contextlib.suppress(Exception):
+            self._loop.remove_reader(self._sock.fileno())
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._sock.close()
+        if not self._warming:
+            self._close_source()
+        self._service._transfer_ended(self, why)
+
+    def _close_source(self) -> None:
+        if isinstance(self._source, FileSource):
+            self._source.close()
+
+    def cancel(self) -> None:
+        """End silently (superseded by a new request, or shutdown)."""
+        self._end("cancelled")
+
+
+class TftpService:
+    """Read-only TFTP server (RFC 1350, 2347, 2348, 2349, 7440) on asyncio.
+
+    ``record_step(mac, client_ip, "tftp NAME")`` is called once per transfer,
+    when its data phase starts (so a UEFI size probe, which stops after the
+    OACK, is not counted as a download).
+    """
+
+    def __init__(
+        self,
+        resolver: FileResolver,
+        host: str = "0.0.0.0",
+        port: int = 69,
+        record_step: StepRecorder | None = None,
+        logger: logging.Logger | None = None,
+        interface: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_RETRIES,
+        max_windowsize: int = WINDOWSIZE_CAP,
+        max_blksize: int = BLKSIZE_MAX,
+        max_transfers: int = 1024,
+    ) -> None:
+        self.resolver = resolver
+        self.host = host
+        self.port = port
+        self.record_step = record_step
+        self.logger = logger or logging.getLogger("mobinux.tftp")
+        self.interface = interface
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.max_windowsize = max_windowsize
+        self.max_blksize = max_blksize
+        self.max_transfers = max_transfers
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._transfers: dict[tuple[str, int], _Transfer] = {}
+        self._gso = True
+        self._rbuf = bytearray(_RECV_BUF)
+        self._rview = memoryview(self._rbuf)
+        self._cmsg_space = socket.CMSG_SPACE(_PKTINFO.size)
+        self._wildcard = host in ("0.0.0.0", "")
+        self._log_dropped = _RateLimitedLog(self.logger)
+        self._log_failure = _RateLimitedLog(self.logger)
+
+    # -- lifecycle --------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind the server socket and start serving; ``.port`` is then the real port."""
+        if self._sock is not None:
+            return
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.interface:
+                sock.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, self.interface.encode())
+            # IP_PKTINFO tells which local address a request was sent to, so
+            # the transfer socket answers from that same address.
+            sock.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
+            sock.bind((self.host, self.port))
+        except BaseException:
+            sock.close()
+            raise
+        self.port = sock.getsockname()[1]
+        self._sock = sock
+        self._loop = loop
+        loop.add_reader(sock.fileno(), self._on_request)
+
+    async def close(self) -> None:
+        """Stop listening and end every transfer."""
+        sock, self._sock = self._sock, None
+        if sock is not None and self._loop is not None:
+            self._loop.remove_reader(sock.fileno())
+            sock.close()
+        for transfer in list(self._transfers.values()):
+            transfer.cancel()
+        self._transfers.clear()
+
+    @property
+    def active_transfers(self) -> int:
+        return len(self._transfers)
+
+    # -- requests on the server port ----------------------------------------
+
+    def _on_request(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        for _ in range(_REQUEST_BATCH):
+            try:
+                n, anc, _flags, addr = sock.recvmsg_into([self._rbuf], self._cmsg_space)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                # e.g. ECONNREFUSED left by an ICMP error for an earlier reply.
+                continue
+            local = self.host
+            for level, kind, value in anc:
+                if level == socket.IPPROTO_IP and kind == _IP_PKTINFO and len(value) >= _PKTINFO.size:
+                    local = socket.inet_ntoa(_PKTINFO.unpack_from(value)[1])
+            try:
+                self._handle_request(bytes(self._rview[:n]), addr, local)
+            except Exception as exc:  # never let one request kill the service
+                self._log_failure(
+                    self._now(), logging.ERROR, "TFTP request from %s failed: %r", addr[0], exc
+                )
+
+    def _now(self) -> float:
+        return self._loop.time() if self._loop is not None else 0.0
+
+    def _handle_request(self, data: bytes, addr: tuple[str, int], local: str) -> None:
+        try:
+            decision = classify_request(data)
+        except MalformedPacket as exc:
+            self._malformed(addr, exc)
+            return
+        if decision is None:
+            return  # DATA/ACK/ERROR/OACK on the server port: not ours to answer
+        if isinstance(decision, Error):
+            self._reply_error(addr, local, decision.code, decision.message)
+            return
+        self._start_transfer(decision, addr, local)
+
+    def _start_transfer(self, request: ReadRequest, addr: tuple[str, int], local: str) -> None:
+        client_ip = addr[0]
+        try:
+            name = paths.normalise(request.filename)
+            resolved = self.resolver.resolve(name, client_ip)
+        except PathRefused as exc:
+            self._reply_error(addr, local, ErrorCode.ACCESS_VIOLATION, f"access violation: {exc}")
+            return
+        except Exception as exc:  # a resolver bug must not take the server down
+            self._log_failure(self._now(), logging.ERROR, "TFTP: resolving %r failed: %r", request.filename, exc)
+            self._reply_error(addr, local, ErrorCode.NOT_DEFINED, "internal error")
+            return
+        if resolved is None:
+            self._reply_error(addr, local, ErrorCode.FILE_NOT_FOUND, "file not found")
+            return
+        source: BlockSource
+        if resolved.data is not None:
+            source = BytesSource(resolved.data)
+        else:
+            assert resolved.path is not None
+            try:
+                source = FileSource.open(resolved.path)
+            except FileNotFoundError:
+                self._reply_error(addr, local, ErrorCode.FILE_NOT_FOUND, "file not found")
+                return
+            except PermissionError:
+                self._reply_error(addr, local, ErrorCode.ACCESS_VIOLATION, "access violation")
+                return
+            except OSError as exc:
+                self._reply_error(addr, local, ErrorCode.NOT_DEFINED, f"cannot open: {exc.strerror}")
+                return
+
+        # A new request from the same client TID supersedes the old transfer
+        # (a retransmitted RRQ whose answer was lost, or a UEFI size probe
+        # followed by the real request before its ERROR 8 was seen).
+        old = self._transfers.pop(addr, None)
+        if old is not None:
+            old.cancel()
+        if len(self._transfers) >= self.max_transfers:
+            _close_source(source)
+            self._reply_error(addr, local, ErrorCode.NOT_DEFINED, "server busy, try again")
+            return
+        try:
+            sock, mtu = self._transfer_socket(local, addr)
+        except OSError as exc:
+            _close_source(source)
+            self._log_failure(self._now(), logging.WARNING, "TFTP: no transfer socket: %s", exc)
+            self._reply_error(addr, local, ErrorCode.NOT_DEFINED, "server busy, try again")
+            return
+        assert self._loop is not None
+        # RFC 2348: no IP fragmentation; a block must fit the path MTU.
+        max_blksize = max(BLKSIZE_MIN, min(self.max_blksize, mtu - UDP_IPV4_OVERHEAD - DATA_HEADER_LEN))
+        session = ReadSession(
+            request,
+            source,
+            self._loop.time(),
+            max_blksize=max_blksize,
+            timeout=self.timeout,
+            max_retries=self.max_retries,
+            max_windowsize=self.max_windowsize,
+        )
+        transfer = _Transfer(self, self._loop, sock, session, source, addr, resolved)
+        self._transfers[addr] = transfer
+        transfer.start()
+
+    def _transfer_socket(self, local: str, addr: tuple[str, int]) -> tuple[socket.socket, int]:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            if self.interface:
+                sock.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, self.interface.encode())
+            sock.bind((local, 0))  # a fresh ephemeral port: the server TID (RFC 1350 §4)
+            sock.connect(addr)
+            try:
+                mtu = sock.getsockopt(socket.IPPROTO_IP, _IP_MTU)
+            except OSError:
+                mtu = 1500
+        except BaseException:
+            sock.close()
+            raise
+        return sock, mtu
+
+    def _reply_error(self, addr: tuple[str, int], local: str, code: int, message: str) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        data = error_bytes(code, message)
+        try:
+            if self._wildcard and local not in ("0.0.0.0", ""):
+                # Answer from the address the request was sent to.
+                info = _PKTINFO.pack(0, socket.inet_aton(local), b"\0\0\0\0")
+                sock.sendmsg([data], [(socket.IPPROTO_IP, _IP_PKTINFO, info)], 0, addr)
+            else:
+                sock.sendto(data, addr)
+        except OSError:
+            pass  # best effort: the client will retry or give up
+
+    # -- callbacks from transfers -------------------------------------------
+
+    def _malformed(self, addr: tuple[str, int], exc: Exception) -> None:
+        self._log_dropped(self._now(), logging.WARNING, "TFTP: dropped malformed packet from %s: %s", addr[0], exc)
+
+    def _record(self, transfer: _Transfer) -> None:
+        if self.record_step is None:
+            return
+        try:
+            self.record_step(transfer.resolved.mac, transfer.client[0], f"tftp {transfer.name}")
+        except Exception as exc:
+            self._log_failure(self._now(), logging.ERROR, "TFTP: record_step failed: %r", exc)
+
+    def _transfer_ended(self, transfer: _Transfer, why: str | None) -> None:
+        if self._transfers.get(transfer.client) is transfer:
+            del self._transfers[transfer.client]
+        session = transfer._session
+        outcome = session.outcome
+        if outcome is Outcome.COMPLETE or outcome is Outcome.OPTIONS_REFUSED or why == "cancelled":
+            # A size probe (OACK answered by ERROR 8) is routine: no noise.
+            if outcome is Outcome.COMPLETE:
+                self.logger.debug(
+                    "tftp %s to %s:%d: %d bytes, blksize %d, window %d, %d retransmissions",
+                    transfer.name, *transfer.client, session.size, session.blksize,
+                    session.windowsize, session.retransmissions,
+                )
+            return
+        if outcome is Outcome.CLIENT_ERROR and session.error is not None:
+            self.logger.debug(
+                "tftp %s to %s:%d: client ended with error %d %r",
+                transfer.name, *transfer.client, session.error.code, session.error.message,
+            )
+            return
+        self._log_failure(
+            self._now(), logging.INFO, "tftp %s to %s:%d ended: %s after %d of %d bytes",
+            transfer.name, *transfer.client, why or outcome.value, session.bytes_acked, session.size,
+        )
+
+
+def _close_source(source: BlockSource) -> None:
+    if isinstance(source, FileSource):
+        source.close()

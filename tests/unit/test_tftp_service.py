@@ -1,0 +1,269 @@
+"""TftpService on 127.0.0.1 with an in-process raw client (fast, no external tools)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import socket
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, ParamSpec
+
+import pytest
+
+from mobinux.boot import ResolvedFile
+from mobinux.errors import PathRefused
+from mobinux.paths import contained_file
+from mobinux.tftp.aio import TftpService
+from mobinux.tftp.constants import ErrorCode
+from mobinux.tftp.packet import (
+    Ack,
+    Data,
+    Error,
+    OptionAck,
+    Packet,
+    ReadRequest,
+    WriteRequest,
+    encode,
+    parse,
+)
+
+Step = tuple[str | None, str | None, str]
+P = ParamSpec("P")
+
+
+def run_async(fn: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, None]:
+    """Run an async test body on a fresh event loop (no pytest-asyncio here)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
+        asyncio.run(asyncio.wait_for(fn(*args, **kwargs), 30))
+
+    return wrapper
+
+
+class Resolver:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.calls: list[str] = []
+
+    def resolve(self, name: str, client_ip: str, query: str = "") -> ResolvedFile | None:
+        self.calls.append(name)
+        if name == "gen.cfg":
+            return ResolvedFile(name=name, data=b"DEFAULT x\n" * 300, mac="52:54:00:aa:bb:cc")
+        if name == "boom":
+            raise RuntimeError("resolver bug")
+        if name.startswith("refused"):
+            raise PathRefused("policy says no")
+        path = contained_file(self.root, name)
+        return None if path is None else ResolvedFile(name=name, path=path)
+
+
+@asynccontextmanager
+async def serving(root: Path, **kw: object) -> AsyncIterator[tuple[TftpService, list[Step]]]:
+    steps: list[Step] = []
+    svc = TftpService(
+        Resolver(root),
+        host="127.0.0.1",
+        port=0,
+        record_step=lambda mac, ip, step: steps.append((mac, ip, step)),
+        **kw,  # type: ignore[arg-type]
+    )
+    await svc.start()
+    try:
+        yield svc, steps
+    finally:
+        await svc.close()
+
+
+class Client:
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.sock.bind(("127.0.0.1", 0))
+        self.loop = asyncio.get_running_loop()
+
+    async def recv(self, timeout: float = 2.0) -> tuple[Packet, tuple[str, int]]:
+        data, addr = await asyncio.wait_for(self.loop.sock_recvfrom(self.sock, 70_000), timeout)
+        return parse(data), addr
+
+    def send(self, pkt: Packet | bytes, addr: tuple[str, int]) -> None:
+        self.sock.sendto(pkt if isinstance(pkt, bytes) else encode(pkt), addr)
+
+    async def download(self, port: int, name: str, *options: tuple[str, str]) -> bytes | Error:
+        self.send(ReadRequest(name, "octet", options), ("127.0.0.1", port))
+        out = bytearray()
+        blksize, window, expected = 512, 1, 1
+        for _ in range(100_000):
+            pkt, addr = await self.recv()
+            if isinstance(pkt, Error):
+                return pkt
+            if isinstance(pkt, OptionAck):
+                opts = {k.lower(): v for k, v in pkt.options}
+                blksize = int(opts.get("blksize", 512))
+                window = int(opts.get("windowsize", 1))
+                self.send(Ack(0), addr)
+                continue
+            assert isinstance(pkt, Data)
+            assert pkt.block == expected & 0xFFFF
+            out += pkt.data
+            expected += 1
+            last = len(pkt.data) < blksize
+            if last or (expected - 1) % window == 0:
+                self.send(Ack(pkt.block), addr)
+            if last:
+                return bytes(out)
+        raise AssertionError("no end")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    (tmp_path / "a.bin").write_bytes(bytes(range(256)) * 40 + b"tail")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.bin").write_bytes(b"b" * 1024)
+    return tmp_path
+
+
+@run_async
+async def test_plain_and_windowed_downloads(root: Path) -> None:
+    async with serving(root) as (svc, steps):
+        c = Client()
+        want = (root / "a.bin").read_bytes()
+        assert await c.download(svc.port, "a.bin") == want
+        assert await c.download(svc.port, "/a.bin", ("blksize", "1000"), ("windowsize", "4")) == want
+        assert await c.download(svc.port, "sub/b.bin", ("tsize", "0")) == b"b" * 1024
+        assert await c.download(svc.port, "gen.cfg") == b"DEFAULT x\n" * 300
+        c.close()
+        await asyncio.sleep(0.05)
+        assert svc.active_transfers == 0
+        assert steps == [
+            (None, "127.0.0.1", "tftp a.bin"),
+            (None, "127.0.0.1", "tftp a.bin"),
+            (None, "127.0.0.1", "tftp sub/b.bin"),
+            ("52:54:00:aa:bb:cc", "127.0.0.1", "tftp gen.cfg"),
+        ]
+
+
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [
+        ("missing", ErrorCode.FILE_NOT_FOUND),
+        ("sub", ErrorCode.FILE_NOT_FOUND),  # a directory is not a file
+        ("../etc/passwd", ErrorCode.ACCESS_VIOLATION),
+        ("a\\b", ErrorCode.ACCESS_VIOLATION),
+        ("refused/x", ErrorCode.ACCESS_VIOLATION),
+        ("boom", ErrorCode.NOT_DEFINED),  # a crashing resolver: ERROR 0, service alive
+    ],
+)
+@run_async
+async def test_request_errors(root: Path, name: str, code: int, caplog: pytest.LogCaptureFixture) -> None:
+    async with serving(root) as (svc, steps):
+        c = Client()
+        c.send(ReadRequest(name, "octet"), ("127.0.0.1", svc.port))
+        pkt, _addr = await c.recv()
+        c.close()
+        assert isinstance(pkt, Error)
+        assert pkt.code == code
+        assert steps == []
+
+
+@run_async
+async def test_write_request_is_refused(root: Path) -> None:
+    async with serving(root) as (svc, _):
+        c = Client()
+        c.send(WriteRequest("new.bin", "octet"), ("127.0.0.1", svc.port))
+        pkt, _addr = await c.recv()
+        c.close()
+        assert isinstance(pkt, Error) and pkt.code == ErrorCode.ACCESS_VIOLATION
+        assert not (root / "new.bin").exists()
+
+
+@run_async
+async def test_size_probe_then_real_request(root: Path) -> None:
+    async with serving(root) as (svc, steps):
+        c = Client()
+        c.send(ReadRequest("a.bin", "octet", (("tsize", "0"), ("blksize", "1468"))), ("127.0.0.1", svc.port))
+        pkt, tid = await c.recv()
+        assert pkt == OptionAck((("tsize", str((root / "a.bin").stat().st_size)), ("blksize", "1468")))
+        c.send(Error(ErrorCode.OPTION_NEGOTIATION, "probe done"), tid)
+        assert await c.download(svc.port, "a.bin", ("blksize", "1468")) == (root / "a.bin").read_bytes()
+        # The aborted probe ends silently: nothing more arrives from its TID.
+        with pytest.raises(TimeoutError):
+            await c.recv(timeout=0.3)
+        c.close()
+        assert steps == [(None, "127.0.0.1", "tftp a.bin")]  # the probe is not a download
+        assert svc.active_transfers == 0
+
+
+@run_async
+async def test_unanswered_transfer_gives_up_and_closes(root: Path) -> None:
+    async with serving(root, timeout=0.05, max_retries=2) as (svc, _):
+        c = Client()
+        c.send(ReadRequest("a.bin", "octet"), ("127.0.0.1", svc.port))
+        first, _ = await c.recv()
+        # Original plus two retransmissions, then silence.
+        assert [await c.recv() for _ in range(2)] == [(first, _), (first, _)]
+        with pytest.raises(TimeoutError):
+            await c.recv(timeout=0.3)
+        assert svc.active_transfers == 0
+        c.close()
+
+
+@run_async
+async def test_duplicate_ack_is_not_answered_over_udp(root: Path) -> None:
+    async with serving(root) as (svc, _):
+        c = Client()
+        c.send(ReadRequest("a.bin", "octet"), ("127.0.0.1", svc.port))
+        _pkt, tid = await c.recv()
+        c.send(Ack(1), tid)
+        pkt, _ = await c.recv()
+        assert isinstance(pkt, Data) and pkt.block == 2
+        c.send(Ack(1), tid)
+        with pytest.raises(TimeoutError):
+            await c.recv(timeout=0.3)
+        c.close()
+
+
+@run_async
+async def test_malformed_packets_are_dropped_and_logged_rate_limited(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "mobinux.tftp")
+    async with serving(root) as (svc, _):
+        c = Client()
+        for junk in (b"", b"\x00", b"\x00\x09zz", b"\x00\x01noterm", b"\xff" * 600) * 20:
+            c.send(junk, ("127.0.0.1", svc.port))
+        assert await c.download(svc.port, "sub/b.bin") == b"b" * 1024
+        c.close()
+    dropped = [r for r in caplog.records if "malformed" in r.getMessage()]
+    assert 1 <= len(dropped) <= 2
+
+
+@run_async
+async def test_new_request_from_same_tid_supersedes(root: Path) -> None:
+    async with serving(root) as (svc, _):
+        c = Client()
+        c.send(ReadRequest("a.bin", "octet"), ("127.0.0.1", svc.port))
+        _pkt, _tid1 = await c.recv()
+        assert await c.download(svc.port, "sub/b.bin") == b"b" * 1024
+        c.close()
+        await asyncio.sleep(0.05)
+        assert svc.active_transfers == 0
+
+
+@run_async
+async def test_busy_server_answers_error(root: Path) -> None:
+    async with serving(root, max_transfers=1) as (svc, _):
+        a, b = Client(), Client()
+        a.send(ReadRequest("a.bin", "octet"), ("127.0.0.1", svc.port))
+        await a.recv()
+        b.send(ReadRequest("a.bin", "octet"), ("127.0.0.1", svc.port))
+        pkt, _ = await b.recv()
+        assert isinstance(pkt, Error) and pkt.code == ErrorCode.NOT_DEFINED
+        a.close()
+        b.close()
