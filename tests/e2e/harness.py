@@ -245,7 +245,11 @@ def netns(
 
 
 def cleanup_stale_namespaces() -> list[str]:
-    """Delete leftover ``mbxe2e*`` namespaces (from a killed test run)."""
+    """Delete leftover ``mbxe2e*`` namespaces (from a killed test run).
+
+    Kills everything running in them: call it only when no other e2e run is
+    active on this machine (concurrent runs use ``mbxe2e*`` names too).
+    """
     res = _run(["ip", "netns", "list"], check=False)
     stale = [
         line.split()[0]
@@ -810,7 +814,12 @@ def make_localboot_disk(path: Path, marker: str, *, size_mb: int = 1) -> Path:
 
 @pytest.fixture
 def e2e_netns() -> Iterator[NetNS]:
-    """A fresh namespace with br0 = 10.77.0.1/24 and taps tap0, tap1."""
+    """A fresh namespace with br0 = 10.77.0.1/24 and taps tap0, tap1.
+
+    List it before ``e2e_procs`` in a test's arguments: pytest then tears
+    the processes down first (SIGTERM), and the namespace after (anything
+    still running in it gets SIGKILL).
+    """
     with netns(taps=2) as ns:
         yield ns
 

@@ -86,7 +86,9 @@ def test_random_options_into_core(tail: bytes, port: int, src: tuple[str, int]) 
 
 
 mac_tails = st.sampled_from([b"\x01", b"\x02", b"\x03", b"\xff"])
-vendor = st.sampled_from([b"PXEClient:Arch:00000:UNDI:002001", b"HTTPClient:Arch:00016", b"other", b""])
+vendor = st.sampled_from(
+    [b"PXEClient:Arch:00000:UNDI:002001", b"HTTPClient:Arch:00016", b"other", b""]
+)
 
 
 @st.composite
@@ -94,7 +96,12 @@ def valid_requests(draw: st.DrawFn) -> DhcpPacket:
     opts: dict[int, bytes] = {53: bytes([draw(st.integers(0, 9))])}
     for code, strat in [
         (60, vendor),
-        (50, st.sampled_from([A("10.77.0.100").packed, A("10.77.0.20").packed, b"\x01\x02", A("1.2.3.4").packed])),
+        (
+            50,
+            st.sampled_from(
+                [A("10.77.0.100").packed, A("10.77.0.20").packed, b"\x01\x02", A("1.2.3.4").packed]
+            ),
+        ),
         (54, st.sampled_from([SERVER.packed, A("10.77.0.9").packed, b""])),
         (55, st.binary(max_size=40)),
         (57, st.sampled_from([b"\x02\x40", b"\x05\xdc", b"\x00\x10", b"\x01"])),
@@ -122,13 +129,20 @@ def valid_requests(draw: st.DrawFn) -> DhcpPacket:
 
 @settings(max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(valid_requests(), min_size=1, max_size=6), PORTS, SRC, st.floats(0, 1e10))
-def test_valid_sequences_into_core(pkts: list[DhcpPacket], port: int, src: tuple[str, int], now: float) -> None:
+def test_valid_sequences_into_core(
+    pkts: list[DhcpPacket], port: int, src: tuple[str, int], now: float
+) -> None:
     for p in pkts:
         check(p.encode(), port, src, now)
 
 
 @settings(max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
-@given(valid_requests(), st.lists(st.tuples(st.integers(0, 599), st.integers(0, 255)), max_size=8), PORTS, SRC)
+@given(
+    valid_requests(),
+    st.lists(st.tuples(st.integers(0, 599), st.integers(0, 255)), max_size=8),
+    PORTS,
+    SRC,
+)
 def test_mutated_packets_into_core(
     p: DhcpPacket, flips: list[tuple[int, int]], port: int, src: tuple[str, int]
 ) -> None:

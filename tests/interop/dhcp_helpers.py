@@ -64,8 +64,24 @@ class Topology:
         run("ip", "-n", name, "link", "set", "lo", "up")
         return name
 
-    def veth(self, ns_a: str, if_a: str, addr_a: str | None, ns_b: str, if_b: str, addr_b: str | None) -> None:
-        run("ip", "link", "add", if_a, "netns", ns_a, "type", "veth", "peer", "name", if_b, "netns", ns_b)
+    def veth(
+        self, ns_a: str, if_a: str, addr_a: str | None, ns_b: str, if_b: str, addr_b: str | None
+    ) -> None:
+        run(
+            "ip",
+            "link",
+            "add",
+            if_a,
+            "netns",
+            ns_a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            if_b,
+            "netns",
+            ns_b,
+        )
         for ns, ifname, addr in ((ns_a, if_a, addr_a), (ns_b, if_b, addr_b)):
             if addr:
                 run("ip", "-n", ns, "addr", "add", addr, "dev", ifname)
@@ -82,7 +98,9 @@ class Topology:
         self.procs.append(proc)
         return proc
 
-    def exec(self, ns: str, *cmd: str, timeout: float = 20, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def exec(
+        self, ns: str, *cmd: str, timeout: float = 20, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         return run("ip", "netns", "exec", ns, *cmd, timeout=timeout, check=check)
 
     def close(self) -> None:
@@ -121,7 +139,9 @@ def missing_tool(*names: str) -> str | None:
 class TestPolicy:
     """Boot file for PXE clients (unless --no-boot), fixed addresses from --fixed."""
 
-    def __init__(self, filename: str | None, next_server: IPv4Address, fixed: dict[str, IPv4Address]) -> None:
+    def __init__(
+        self, filename: str | None, next_server: IPv4Address, fixed: dict[str, IPv4Address]
+    ) -> None:
         self.filename = filename
         self.next_server = next_server
         self.fixed = fixed

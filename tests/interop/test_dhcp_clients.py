@@ -8,6 +8,7 @@ address server next to our ProxyDHCP.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -23,7 +24,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dhcp_helpers import (  # noqa: E402
+from dhcp_helpers import (
     ServerProcess,
     Topology,
     have_root,
@@ -33,7 +34,7 @@ from dhcp_helpers import (  # noqa: E402
     topology,
 )
 
-from mobinux.dhcp.leases import LeaseState, read_leases  # noqa: E402
+from mobinux.dhcp.leases import LeaseState, read_leases
 
 pytestmark = [
     pytest.mark.interop,
@@ -94,10 +95,8 @@ def wait_for(pred: object, timeout: float = 10.0) -> bool:
 
 
 def kill_pidfile(pidfile: Path) -> None:
-    try:
+    with contextlib.suppress(OSError, ValueError):
         os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
-    except (OSError, ValueError):
-        pass
 
 
 # -- ISC dhclient -----------------------------------------------------------------------
@@ -135,7 +134,20 @@ def test_dhclient_dora_reboot_release(net: tuple[Topology, str, str], tmp_path: 
 
     # Release (unicast from the configured address).
     topo.exec(c, "ip", "addr", "add", f"{ip}/24", "dev", "vcli0")
-    r = topo.exec(c, "dhclient", "-r", "-v", "-sf", "/bin/true", "-lf", str(lf), "-pf", str(pf), "vcli0", check=False)
+    r = topo.exec(
+        c,
+        "dhclient",
+        "-r",
+        "-v",
+        "-sf",
+        "/bin/true",
+        "-lf",
+        str(lf),
+        "-pf",
+        str(pf),
+        "vcli0",
+        check=False,
+    )
     assert "DHCPRELEASE" in r.stderr, r.stderr
     assert wait_for(lambda: read_leases(db)[0].state is LeaseState.RELEASED, 5)
     srv.stop()
@@ -170,15 +182,35 @@ def test_udhcpc_once(net: tuple[Topology, str, str], tmp_path: Path) -> None:
     db = tmp_path / "leases.db"
     srv = serve(topo, s, db)
     script, log = udhcpc_script(tmp_path)
-    r = topo.exec(c, "busybox", "udhcpc", "-n", "-q", "-f", "-i", "vcli0", "-s", str(script), "-t", "5", "-T", "1", check=False)
+    r = topo.exec(
+        c,
+        "busybox",
+        "udhcpc",
+        "-n",
+        "-q",
+        "-f",
+        "-i",
+        "vcli0",
+        "-s",
+        str(script),
+        "-t",
+        "5",
+        "-T",
+        "1",
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     events = log.read_text()
-    m = re.search(r"bound ip=(\S+) mask=24 router=10\.78\.0\.1 lease=3600 serverid=10\.78\.0\.1", events)
+    m = re.search(
+        r"bound ip=(\S+) mask=24 router=10\.78\.0\.1 lease=3600 serverid=10\.78\.0\.1", events
+    )
     assert m, events
     ip = IPv4Address(m.group(1))
     assert in_pool(ip)
     leases = read_leases(db)
-    assert [(x.ip, x.mac, x.state) for x in leases] == [(ip, mac_of(topo, c, "vcli0"), LeaseState.BOUND)]
+    assert [(x.ip, x.mac, x.state) for x in leases] == [
+        (ip, mac_of(topo, c, "vcli0"), LeaseState.BOUND)
+    ]
     srv.stop()
 
 
@@ -188,9 +220,13 @@ def test_udhcpc_renew_and_release(net: tuple[Topology, str, str], tmp_path: Path
     db = tmp_path / "leases.db"
     srv = serve(topo, s, db)
     script, log = udhcpc_script(tmp_path)
-    proc = topo.popen(c, "busybox", "udhcpc", "-f", "-i", "vcli0", "-s", str(script), "-t", "5", "-T", "1")
+    proc = topo.popen(
+        c, "busybox", "udhcpc", "-f", "-i", "vcli0", "-s", str(script), "-t", "5", "-T", "1"
+    )
     # The process is `ip netns exec` which execs busybox: signals reach udhcpc.
-    assert wait_for(lambda: log.exists() and "bound ip=" in log.read_text()), log.read_text() if log.exists() else "no log"
+    assert wait_for(lambda: log.exists() and "bound ip=" in log.read_text()), (
+        log.read_text() if log.exists() else "no log"
+    )
     ip = IPv4Address(re.findall(r"bound ip=(\S+)", log.read_text())[0])
     assert in_pool(ip)
     (lease,) = read_leases(db)
@@ -249,7 +285,14 @@ def test_proxy_mode_next_to_dnsmasq(net: tuple[Topology, str, str], tmp_path: Pa
     r = topo.exec(
         c,
         *probe_args(
-            "vcli0", mtype=3, to=SERVER_IP, to_port=4011, bind=given, port=0, ciaddr=given, user_class="iPXE"
+            "vcli0",
+            mtype=3,
+            to=SERVER_IP,
+            to_port=4011,
+            bind=given,
+            port=0,
+            ciaddr=given,
+            user_class="iPXE",
         ),
     )
     (ack,) = probe_replies(r.stdout)
@@ -261,21 +304,39 @@ def test_proxy_mode_next_to_dnsmasq(net: tuple[Topology, str, str], tmp_path: Pa
     # A plain client gets its lease from dnsmasq and nothing at all from us.
     lf, pf = tmp_path / "dhclient.leases", tmp_path / "dhclient.pid"
     topo.pidfiles.append(pf)
-    r = topo.exec(c, "dhclient", "-1", "-v", "-sf", "/bin/true", "-lf", str(lf), "-pf", str(pf), "vcli0", check=False)
+    r = topo.exec(
+        c,
+        "dhclient",
+        "-1",
+        "-v",
+        "-sf",
+        "/bin/true",
+        "-lf",
+        str(lf),
+        "-pf",
+        str(pf),
+        "vcli0",
+        check=False,
+    )
     assert r.returncode == 0 and "DHCPACK of 10.78.0.1" in r.stderr, r.stderr
     kill_pidfile(pf)
     time.sleep(0.3)
     stats = srv.stop()
     assert stats["sent"] == 2  # the proxy offer and the 4011 ACK, nothing for dhclient
     assert stats["received"] >= 4  # it did see dhclient's DISCOVER and REQUEST
-    assert [x.split(" ", 2)[2] for x in srv.steps] == ["proxy-offer pxelinux.0", "proxy-ack pxelinux.0"]
+    assert [x.split(" ", 2)[2] for x in srv.steps] == [
+        "proxy-offer pxelinux.0",
+        "proxy-ack pxelinux.0",
+    ]
     assert read_leases(tmp_path / "leases.db") == []
 
 
 # -- interface restriction ---------------------------------------------------------------
 
 
-def test_requests_on_another_interface_get_no_reply(net: tuple[Topology, str, str], tmp_path: Path) -> None:
+def test_requests_on_another_interface_get_no_reply(
+    net: tuple[Topology, str, str], tmp_path: Path
+) -> None:
     topo, s, c = net
     topo.veth(s, "vsrv1", "10.79.0.1/24", c, "vcli1", None)  # a second wire
     srv = serve(topo, s, tmp_path / "leases.db")

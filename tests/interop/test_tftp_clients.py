@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -344,3 +345,43 @@ def test_50_concurrent_raw_clients_in_flight_together(server: ServerThread, tree
         for s in socks:
             s.close()
     assert server.wait_idle() == 0
+
+
+# -- path MTU --------------------------------------------------------------------
+
+_PROBE_CLIENT = """
+import socket, sys
+from mobinux.tftp.packet import ReadRequest, encode, parse
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.sendto(encode(ReadRequest("small.bin", "octet", (("blksize", "65464"),))), ("127.0.0.1", 69))
+data, _ = s.recvfrom(70000)
+print(dict(parse(data).options)["blksize"])
+"""
+
+
+def test_blksize_is_clamped_to_the_path_mtu(tree: Path) -> None:
+    # In a private namespace whose loopback has an Ethernet MTU, a request for
+    # the largest block gets 1500 - 20 (IP) - 8 (UDP) - 4 (TFTP) = 1468.
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 for a network namespace")
+    ns = f"mbxtftpmtu{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    server = None
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "mtu", "1500", "up"], check=True)
+        repo = Path(__file__).resolve().parents[2]
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "tests.interop.tftp_helpers", str(tree), "69"],
+            cwd=repo, stdout=subprocess.PIPE, text=True,
+        )
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", _PROBE_CLIENT],
+                           capture_output=True, text=True, timeout=30, check=False)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == "1468"
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(10)
+        subprocess.run(["ip", "netns", "del", ns], check=False)

@@ -120,3 +120,21 @@ def raw_download(
         if len(pkt.data) < blksize and pkt.block == (expected - 1) & 0xFFFF:
             return bytes(out)
     raise AssertionError("transfer did not end")
+
+
+def _serve_forever(root: str, port: int) -> None:
+    """``python -m tests.interop.tftp_helpers ROOT PORT``: serve ROOT until killed."""
+
+    async def main() -> None:
+        svc = TftpService(DirResolver(Path(root)), host="0.0.0.0", port=port)
+        await svc.start()
+        print("ready", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+if __name__ == "__main__":
+    import sys
+
+    _serve_forever(sys.argv[1], int(sys.argv[2]))

@@ -51,7 +51,9 @@ def cfg(mode: str) -> DhcpConfig:
 
 
 @asynccontextmanager
-async def service(tmp_path: Path, mode: str, steps: list[str] | None = None) -> AsyncIterator[DhcpService]:
+async def service(
+    tmp_path: Path, mode: str, steps: list[str] | None = None
+) -> AsyncIterator[DhcpService]:
     svc = DhcpService(
         cfg(mode),
         "lo",
@@ -147,7 +149,9 @@ def test_proxy_4011_ack_unicast_to_source(tmp_path: Path) -> None:
     run(main)
 
 
-def test_garbage_is_counted_and_service_carries_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_garbage_is_counted_and_service_carries_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     async def main() -> None:
         async with service(tmp_path, "proxy") as svc:
             client = udp(("127.0.0.1", 0))
@@ -155,7 +159,10 @@ def test_garbage_is_counted_and_service_carries_on(tmp_path: Path, caplog: pytes
                 for i in range(50):
                     client.sendto(b"\x01junk" * i, ("127.0.0.1", svc.proxy_port))
                 req = DhcpPacket(
-                    xid=10, ciaddr=A("127.0.0.55"), chaddr=MAC, options={53: b"\x08", 60: b"PXEClient"}
+                    xid=10,
+                    ciaddr=A("127.0.0.55"),
+                    chaddr=MAC,
+                    options={53: b"\x08", 60: b"PXEClient"},
                 )
                 client.sendto(req.encode(), ("127.0.0.1", svc.proxy_port))
                 ack = parse((await recv(client))[0])

@@ -20,9 +20,13 @@ A = IPv4Address
 T0 = 1_700_000_000.0
 
 
-def lease(ip: str, n: int, expires: float = T0 + 3600, state: LeaseState = LeaseState.BOUND) -> Lease:
+def lease(
+    ip: str, n: int, expires: float = T0 + 3600, state: LeaseState = LeaseState.BOUND
+) -> Lease:
     mac = f"52:54:00:00:00:{n:02x}"
-    return Lease(A(ip), mac, b"\x01" + bytes.fromhex(mac.replace(":", "")), f"host{n}", expires, state)
+    return Lease(
+        A(ip), mac, b"\x01" + bytes.fromhex(mac.replace(":", "")), f"host{n}", expires, state
+    )
 
 
 def test_allocate_walks_pool_then_reuses_oldest_freed() -> None:

@@ -106,7 +106,11 @@ def test_overloaded_file_and_sname_are_read_after_options() -> None:
 
 
 def test_overload_file_only_keeps_sname() -> None:
-    data = _raw(bytes([53, 1, 1, 52, 1, Overload.FILE, 0xFF]), sname=b"server", file=bytes([12, 1]) + b"h\xff")
+    data = _raw(
+        bytes([53, 1, 1, 52, 1, Overload.FILE, 0xFF]),
+        sname=b"server",
+        file=bytes([12, 1]) + b"h\xff",
+    )
     p = parse(data)
     assert p.sname == b"server"
     assert p.options[12] == b"h"

@@ -18,7 +18,7 @@ import pytest
 from mobinux.boot import BootOffer, BootRequest
 from mobinux.dhcp.constants import FLAG_BROADCAST, MessageType
 from mobinux.dhcp.leases import LeaseState, LeaseTable
-from mobinux.dhcp.packet import DhcpPacket, parse
+from mobinux.dhcp.packet import ZERO, DhcpPacket, parse
 from mobinux.dhcp.server import DhcpConfig, DhcpServerCore, Reply
 from mobinux.errors import ConfigError, MalformedPacket
 
@@ -97,7 +97,9 @@ class Rig:
     ) -> list[Reply]:
         return self.core.handle(pkt.encode(), port, src, self.now)
 
-    def one(self, pkt: DhcpPacket, port: int = 67, src: tuple[str, int] = ("0.0.0.0", 68)) -> DhcpPacket:
+    def one(
+        self, pkt: DhcpPacket, port: int = 67, src: tuple[str, int] = ("0.0.0.0", 68)
+    ) -> DhcpPacket:
         replies = self.send(pkt, port, src)
         assert len(replies) == 1, replies
         reply = parse(replies[0].data)
@@ -107,7 +109,7 @@ class Rig:
     def dora(self, mac: str = MAC1, **kw: object) -> IPv4Address:
         offer = self.one(discover(mac, **kw))  # type: ignore[arg-type]
         assert offer.message_type == MessageType.DHCPOFFER
-        ack = self.one(request(mac, offer.yiaddr, server=SERVER, **kw))  # type: ignore[arg-type]
+        ack = self.one(request(mac, offer.yiaddr, server=SERVER, **kw))
         assert ack.message_type == MessageType.DHCPACK
         assert ack.yiaddr == offer.yiaddr
         return ack.yiaddr
@@ -122,8 +124,8 @@ def msg(
     mac: str = MAC1,
     *,
     xid: int = 0x1234,
-    ciaddr: IPv4Address = A(0),
-    giaddr: IPv4Address = A(0),
+    ciaddr: IPv4Address = ZERO,
+    giaddr: IPv4Address = ZERO,
     options: dict[int, bytes] | None = None,
     vendor: bytes | None = None,
     flags: int = 0,
@@ -132,7 +134,9 @@ def msg(
     if vendor is not None:
         opts[60] = vendor
     opts.update(options or {})
-    return DhcpPacket(xid=xid, ciaddr=ciaddr, giaddr=giaddr, chaddr=chaddr(mac), flags=flags, options=opts)
+    return DhcpPacket(
+        xid=xid, ciaddr=ciaddr, giaddr=giaddr, chaddr=chaddr(mac), flags=flags, options=opts
+    )
 
 
 def discover(mac: str = MAC1, *, requested: IPv4Address | None = None, **kw: object) -> DhcpPacket:
@@ -281,7 +285,9 @@ def test_pool_exhaustion() -> None:
 
 
 def test_server_and_router_addresses_never_leased() -> None:
-    rig = Rig(config(pool_first=A("10.77.0.1"), pool_last=A("10.77.0.3"), routers=(A("10.77.0.2"),)))
+    rig = Rig(
+        config(pool_first=A("10.77.0.1"), pool_last=A("10.77.0.3"), routers=(A("10.77.0.2"),))
+    )
     assert rig.dora(MAC1) == A("10.77.0.3")
     assert rig.send(discover(MAC2)) == []
 
@@ -405,7 +411,9 @@ def test_decline_quarantines_address() -> None:
 def test_inform() -> None:
     rig = Rig()
     ci = A("10.77.0.30")
-    replies = rig.send(msg(MessageType.DHCPINFORM, ciaddr=ci, options={55: bytes([6, 1])}), src=(str(ci), 68))
+    replies = rig.send(
+        msg(MessageType.DHCPINFORM, ciaddr=ci, options={55: bytes([6, 1])}), src=(str(ci), 68)
+    )
     assert len(replies) == 1
     ack = parse(replies[0].data)
     assert replies[0].dest == (str(ci), 68)
@@ -518,7 +526,9 @@ def test_not_ipxe_with_other_user_class() -> None:
 
 def test_http_client() -> None:
     rig = Rig(policy=FakePolicy(filename="http://10.77.0.2/boot.efi"))
-    offer = rig.one(discover(vendor=b"HTTPClient:Arch:00016:UNDI:003001", options={93: b"\x00\x10"}))
+    offer = rig.one(
+        discover(vendor=b"HTTPClient:Arch:00016:UNDI:003001", options={93: b"\x00\x10"})
+    )
     req = rig.policy.requests[-1]
     assert req.http_client and req.arch == 16
     assert offer.options[60] == b"HTTPClient"
@@ -583,7 +593,9 @@ def test_proxy_offer_to_pxe_client_has_no_address() -> None:
 def test_proxy_ignores_non_pxe_and_requests_on_67() -> None:
     rig = Rig(config("proxy"))
     assert rig.send(discover()) == []
-    assert rig.send(request(requested=A("10.77.0.100"), server=A("10.77.0.9"), vendor=PXE_BIOS)) == []
+    assert (
+        rig.send(request(requested=A("10.77.0.100"), server=A("10.77.0.9"), vendor=PXE_BIOS)) == []
+    )
     assert rig.send(msg(MessageType.DHCPINFORM, ciaddr=A("10.77.0.5"))) == []
 
 
@@ -668,3 +680,26 @@ def test_core_modules_do_no_io() -> None:
             elif isinstance(node, ast.ImportFrom) and node.module:
                 imported.add(node.module.split(".")[0])
         assert not imported & {"socket", "asyncio", "time", "selectors"}, name
+
+
+def test_changed_reservation_frees_the_old_address() -> None:
+    policy = FakePolicy(fixed={MAC1: A("10.77.0.150")})
+    rig = Rig(policy=policy)
+    assert rig.dora(MAC1) == A("10.77.0.150")
+    rig.send(msg(MessageType.DHCPRELEASE, MAC1, ciaddr=A("10.77.0.150")))
+    assert rig.one(discover(MAC2, requested=A("10.77.0.150"))).yiaddr != A("10.77.0.150")
+    del policy.fixed[MAC1]
+    assert rig.dora(MAC1) == A("10.77.0.150")  # still its previous address
+    rig.send(msg(MessageType.DHCPRELEASE, MAC1, ciaddr=A("10.77.0.150")))
+    mac3 = "52:54:00:00:00:03"
+    assert rig.one(discover(mac3, requested=A("10.77.0.150"))).yiaddr == A("10.77.0.150")
+
+
+def test_oversized_echoed_options_are_dropped_not_fatal() -> None:
+    rig = Rig()
+    relay = A("10.77.0.250")
+    big = {61: b"\x00" + b"c" * 254, 82: b"r" * 255, 55: bytes(range(1, 80))}
+    replies = rig.send(discover(giaddr=relay, vendor=PXE_BIOS, options=big))
+    assert len(replies) == 1 and len(replies[0].data) <= 576 - 28
+    offer = parse(replies[0].data)
+    assert offer.message_type == MessageType.DHCPOFFER and offer.options[54] == SERVER.packed

@@ -118,6 +118,7 @@ def make_main(root: Path) -> Path:
     if IS_ROOT:
         os.mknod(root / "dev" / "console", stat.S_IFCHR | 0o600, os.makedev(5, 1))
         os.mknod(root / "dev" / "sda", stat.S_IFBLK | 0o660, os.makedev(8, 0))
+        (root / "dev" / "sda").chmod(0o660)  # mknod is subject to the umask
         os.chown(root / "etc" / "passwd", 1234, 5678)
     _stamp(root)
     return root
@@ -135,8 +136,8 @@ def snapshot(
 ) -> dict[str, tuple[Any, ...]]:
     """Everything a boot would see of a tree: kinds, modes, mtimes, content, links, devices.
 
-    GNU ``cpio -idm`` leaves directory mtimes at the time of extraction: compare
-    with it using ``dir_mtimes=False``.
+    GNU ``cpio -idm`` sets the mtimes of neither directories nor symlinks:
+    compare with it using ``dir_mtimes=False``.
     """
     snap: dict[str, tuple[Any, ...]] = {}
     first_name: dict[int, str] = {}
@@ -158,14 +159,20 @@ def snapshot(
         elif stat.S_ISCHR(kind) or stat.S_ISBLK(kind):
             extra = (os.major(st.st_rdev), os.minor(st.st_rdev))
         perms = stat.S_IMODE(st.st_mode) if not stat.S_ISLNK(kind) else 0o777
-        mtime = int(st.st_mtime) if dir_mtimes or not stat.S_ISDIR(kind) else None
+        mtime = int(st.st_mtime) if dir_mtimes or stat.S_ISREG(kind) else None
         snap[rel] = (kind, perms, mtime, extra, (st.st_uid, st.st_gid) if IS_ROOT else None)
     if specials is not None:
         # Our unpack keeps devices, FIFOs and owners in the manifest: fold them in.
         for e in specials.segments[segment].entries:
             if not e.kind.on_disk:
                 rdev = e.rdev if e.kind in (EntryKind.CHAR, EntryKind.BLOCK) else None
-                snap[e.name] = (e.kind.type_bits, e.mode, e.mtime, rdev, None)
+                snap[e.name] = (
+                    e.kind.type_bits,
+                    e.mode,
+                    e.mtime if dir_mtimes else None,
+                    rdev,
+                    None,
+                )
             if IS_ROOT:
                 snap[e.name] = (*snap[e.name][:4], (e.uid, e.gid))
     return snap
@@ -253,7 +260,9 @@ def test_unpack_keeps_specials_and_owners_in_the_manifest(tmp_path: Path) -> Non
     assert entries["bin/sh"].kind is EntryKind.SYMLINK
     assert entries["."].kind is EntryKind.DIR
     if IS_ROOT:
-        assert entries["dev/console"].rdev == (5, 1) and entries["dev/console"].kind is EntryKind.CHAR
+        assert (
+            entries["dev/console"].rdev == (5, 1) and entries["dev/console"].kind is EntryKind.CHAR
+        )
         assert entries["dev/sda"].kind is EntryKind.BLOCK and entries["dev/sda"].mode == 0o660
         assert (entries["etc/passwd"].uid, entries["etc/passwd"].gid) == (1234, 5678)
     seg = tmp_path / "un" / "segment-1"
@@ -313,7 +322,12 @@ def test_several_archives_in_one_compressed_stream_stay_together(tmp_path: Path)
     a = write_archive([_reg("a", b"1")])
     b = write_archive([_reg("b", b"2")])
     c = write_archive([_reg("c", b"3")])
-    image = a + b"\0" * 8 + compress_bytes(a + b"\0" * 512 + b, Compression.GZIP) + compress_bytes(c, Compression.XZ)
+    image = (
+        a
+        + b"\0" * 8
+        + compress_bytes(a + b"\0" * 512 + b, Compression.GZIP)
+        + compress_bytes(c, Compression.XZ)
+    )
     (tmp_path / "i.img").write_bytes(image)
     manifest = unpack_initrd(tmp_path / "i.img", tmp_path / "un")
     assert [(s.compression, s.stream) for s in manifest.segments] == [
@@ -344,7 +358,9 @@ def test_crc_segments_stay_crc(tmp_path: Path) -> None:
     run(["cpio", "-t", "--quiet"], again)  # GNU cpio checks the sums
     early, _ = split(again, "gzip")
     cpio_extract(early, tmp_path / "x")
-    assert (tmp_path / "x" / "kernel" / "x86" / "microcode" / "GenuineIntel.bin").stat().st_size == 9600
+    assert (
+        tmp_path / "x" / "kernel" / "x86" / "microcode" / "GenuineIntel.bin"
+    ).stat().st_size == 9600
 
 
 def test_archive_without_parent_directories(tmp_path: Path) -> None:
@@ -355,7 +371,10 @@ def test_archive_without_parent_directories(tmp_path: Path) -> None:
     assert manifest.segments[0].implicit_dirs == ("a", "a/b")
     assert (tmp_path / "un" / "segment-0" / "a" / "b" / "c").read_bytes() == b"deep"
     repack_initrd(tmp_path / "un", tmp_path / "re.img")
-    assert [e.header.name for e in read_archive((tmp_path / "re.img").read_bytes())] == ["a/b/c", "top"]
+    assert [e.header.name for e in read_archive((tmp_path / "re.img").read_bytes())] == [
+        "a/b/c",
+        "top",
+    ]
     # A new file under an implicit directory needs it in the archive.
     (tmp_path / "un" / "segment-0" / "a" / "new").write_text("n")
     repack_initrd(tmp_path / "un", tmp_path / "re.img")
@@ -408,15 +427,26 @@ def test_duplicate_entries_replace_earlier_ones(tmp_path: Path) -> None:
 def test_hard_links_with_data_on_the_first_name(tmp_path: Path) -> None:
     """Some writers put the data on the first link; the kernel and we accept both."""
     archive = write_archive(
-        [_reg("a", b"shared", ino=7, nlink=2), _reg("b", b"", ino=7, nlink=2), _reg("c", b"other", ino=8)]
+        [
+            _reg("a", b"shared", ino=7, nlink=2),
+            _reg("b", b"", ino=7, nlink=2),
+            _reg("c", b"other", ino=8),
+        ]
     )
     (tmp_path / "i.img").write_bytes(archive)
     unpack_initrd(tmp_path / "i.img", tmp_path / "un")
     seg = tmp_path / "un" / "segment-0"
-    assert (seg / "b").read_bytes() == b"shared" and (seg / "a").stat().st_ino == (seg / "b").stat().st_ino
+    assert (seg / "b").read_bytes() == b"shared" and (seg / "a").stat().st_ino == (
+        seg / "b"
+    ).stat().st_ino
     repack_initrd(tmp_path / "un", tmp_path / "re.img")
     a, b, c = read_archive((tmp_path / "re.img").read_bytes())
-    assert (a.data, b.data, a.header.ino == b.header.ino, a.header.nlink) == (b"", b"shared", True, 2)
+    assert (a.data, b.data, a.header.ino == b.header.ino, a.header.nlink) == (
+        b"",
+        b"shared",
+        True,
+        2,
+    )
     assert c.header.nlink == 1 and c.header.ino != a.header.ino
 
 
@@ -439,7 +469,10 @@ def test_symlinks_cannot_be_used_to_escape(tmp_path: Path) -> None:
     outside.mkdir()
     archive = write_archive(
         [
-            CpioEntry(CpioHeader(name="link", mode=0o120777, filesize=len(str(outside))), str(outside).encode()),
+            CpioEntry(
+                CpioHeader(name="link", mode=0o120777, filesize=len(str(outside))),
+                str(outside).encode(),
+            ),
             _reg("link/pwned", b"x"),
         ]
     )
@@ -497,30 +530,28 @@ def test_error_in_a_later_segment_reports_its_offset(tmp_path: Path) -> None:
 def test_repack_needs_a_valid_manifest(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="cannot read"):
         repack_initrd(tmp_path, tmp_path / "x.img")
-    good = {
-        "format": "mobinux-initrd",
-        "version": 1,
-        "segments": [
-            {"directory": "segment-0", "compression": "gzip", "stream": 0, "entries": []},
-        ],
+    seg0: dict[str, Any] = {
+        "directory": "segment-0",
+        "compression": "gzip",
+        "stream": 0,
+        "entries": [],
     }
+    good: dict[str, Any] = {"format": "mobinux-initrd", "version": 1, "segments": [seg0]}
+
+    def with_entry(entry: dict[str, Any]) -> dict[str, Any]:
+        return {**good, "segments": [{**seg0, "entries": [entry]}]}
+
     bad_cases: list[tuple[dict[str, Any], str]] = [
         ({**good, "version": 9}, "version"),
         ({**good, "segments": []}, "no segments"),
-        ({**good, "segments": [{**good["segments"][0], "directory": "../x"}]}, "bad segment directory"),
-        ({**good, "segments": [{**good["segments"][0], "compression": "lzo"}]}, "not supported"),
-        (
-            {**good, "segments": [{**good["segments"][0], "entries": [{"name": "../x", "kind": "file", "mode": "0644"}]}]},
-            "normalised",
-        ),
-        (
-            {**good, "segments": [{**good["segments"][0], "entries": [{"name": "x", "kind": "file", "mode": "9"}]}]},
-            "octal",
-        ),
-        (
-            {**good, "segments": [{**good["segments"][0], "entries": [{"name": "x", "kind": "door", "mode": "0"}]}]},
-            "unknown kind",
-        ),
+        ({**good, "segments": [{**seg0, "directory": "../x"}]}, "bad segment directory"),
+        ({**good, "segments": [{**seg0, "compression": "lzo"}]}, "not supported"),
+        ({**good, "segments": [seg0, seg0]}, "bad segment directory"),
+        (with_entry({"name": "../x", "kind": "file", "mode": "0644"}), "normalised"),
+        (with_entry({"name": "x", "kind": "file", "mode": "9"}), "octal"),
+        (with_entry({"name": "x", "kind": "door", "mode": "0"}), "unknown kind"),
+        (with_entry({"name": "x", "kind": "file", "mode": "0644", "uid": -1}), "non-negative"),
+        (with_entry({"name": "x", "kind": "char", "mode": "0644", "rdev": [1]}), "rdev"),
     ]
     for obj, message in bad_cases:
         (tmp_path / MANIFEST_NAME).write_text(json.dumps(obj))
@@ -555,7 +586,16 @@ def test_unpack_and_repack_without_root(request: pytest.FixtureRequest) -> None:
         "unpack_initrd(w / 're.img', w / 'un2')"
     )
     res = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code, str(work)],
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            code,
+            str(work),
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -568,8 +608,71 @@ def test_unpack_and_repack_without_root(request: pytest.FixtureRequest) -> None:
     assert entries["dev/console"].rdev == (5, 1) and entries["etc/passwd"].uid == 1234
     assert entries["bin/busybox"].mode == 0o4755
     assert (work / "un" / "segment-1" / "etc" / "passwd").stat().st_uid == 65534
+    # A non-root tree stays usable: 0555 / 0400 on disk would block editing and removal.
+    assert stat.S_IMODE((work / "un" / "segment-1" / "etc" / "ro.d").stat().st_mode) == 0o755
+    assert (entries["etc/ro.d"].mode, entries["etc/ro.d"].disk_mode) == (0o555, 0o755)
+    assert (entries["etc/ro.d/conf"].mode, entries["etc/ro.d/conf"].disk_mode) == (0o400, None)
+    repacked = {h.name: h for n, _, _, h in iter_segments(work / "re.img") if n == 1}
+    assert (
+        repacked["etc/ro.d"].permissions == 0o555 and repacked["etc/ro.d/conf"].permissions == 0o400
+    )
+    assert repacked["etc/passwd"].uid == 1234 and repacked["dev/sda"].rdev_major == 8
     for n in (0, 1):
-        assert snapshot(work / "un" / f"segment-{n}", m1, n) == snapshot(work / "un2" / f"segment-{n}", m2, n)
+        assert snapshot(work / "un" / f"segment-{n}", m1, n) == snapshot(
+            work / "un2" / f"segment-{n}", m2, n
+        )
+
+
+# ------------------------------------------------------------------ a real kernel boots the result
+
+GUEST_KERNEL = (
+    Path(os.environ.get("MOBINUX_CACHE", Path.home() / ".cache" / "mobinux")) / "guest" / "vmlinuz"
+)
+
+BOOT_INIT = """#!/bin/busybox sh
+/bin/busybox echo "MOBINUX-INIT pid=$$"
+/bin/busybox stat -c 'NODE %n %F %t:%T %a %u:%g' /dev/console /dev/sda
+/bin/busybox stat -c 'FILE %n %a %u:%g %h %s' /etc/passwd /bin/busybox /kernel/x86/microcode/GenuineIntel.bin
+/bin/busybox cat /etc/edited
+/bin/busybox poweroff -f
+"""
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.skipif(not IS_ROOT, reason="building the reference initrd needs mknod")
+@pytest.mark.parametrize("compression", ["gzip", "xz", "zstd"])
+def test_the_kernel_boots_the_repacked_initrd(tmp_path: Path, compression: str) -> None:
+    if shutil.which("qemu-system-x86_64") is None or not GUEST_KERNEL.is_file():
+        pytest.skip("needs qemu-system-x86_64 and scripts/fetch-guest-kernel.sh's kernel")
+    if not Path("/usr/bin/busybox").is_file():
+        pytest.skip("needs busybox-static")
+    early = cpio_create(make_early(tmp_path / "early"))
+    main_tree = make_main(tmp_path / "main")
+    (main_tree / "init").write_text(BOOT_INIT)
+    (tmp_path / "orig.img").write_bytes(
+        early + run(COMPRESS_CMD[compression], cpio_create(main_tree))
+    )
+    unpack_initrd(tmp_path / "orig.img", tmp_path / "un")
+    (tmp_path / "un" / "segment-1" / "etc" / "edited").write_text("EDITED-IN-THE-TREE\n")
+    repack_initrd(tmp_path / "un", tmp_path / "re.img")
+    argv = [
+        "qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-nographic", "-no-reboot",
+        "-kernel", str(GUEST_KERNEL), "-initrd", str(tmp_path / "re.img"),
+        "-append", "console=ttyS0 panic=-1 quiet",
+    ]  # fmt: skip
+    console = subprocess.run(argv, capture_output=True, timeout=120, check=False).stdout.decode(
+        errors="replace"
+    )
+    assert "MOBINUX-INIT pid=1" in console, console[-3000:]
+    assert "NODE /dev/console character special file 5:1 600 0:0" in console
+    assert "NODE /dev/sda block special file 8:0 660 0:0" in console
+    assert "FILE /etc/passwd 644 1234:5678 2 26" in console
+    assert "FILE /bin/busybox 4755 0:0 1" in console
+    assert (
+        "FILE /kernel/x86/microcode/GenuineIntel.bin 644 0:0 1 9600" in console
+    )  # the early segment
+    assert "EDITED-IN-THE-TREE" in console
 
 
 # ------------------------------------------------------------------ compression helpers
@@ -616,7 +719,9 @@ def test_decompression_bombs_stay_small() -> None:
     import tracemalloc
 
     for kind in (Compression.GZIP, Compression.ZSTD, Compression.XZ, Compression.BZIP2):
-        bomb = compress_bytes(b"\0" * (64 << 20), kind, level=1 if kind is not Compression.XZ else 0)
+        bomb = compress_bytes(
+            b"\0" * (64 << 20), kind, level=1 if kind is not Compression.XZ else 0
+        )
         tracemalloc.start()
         try:
             reader = DecompressingReader(ByteSource(io.BytesIO(bomb)), kind)
@@ -639,7 +744,14 @@ def test_parse_compression_names() -> None:
 
 
 def test_lz4_blocks_round_trip_and_refuse_garbage() -> None:
-    for data in [b"", b"a", b"abcd" * 10, os.urandom(1000), b"x" * 100_000, bytes(range(256)) * 300]:
+    for data in [
+        b"",
+        b"a",
+        b"abcd" * 10,
+        os.urandom(1000),
+        b"x" * 100_000,
+        bytes(range(256)) * 300,
+    ]:
         assert lz4_block_decompress(lz4_block_compress(data), len(data)) == data
     for bad in [b"\xf0", b"\x1f" + b"a" + b"\x00\x00", b"\x1f" + b"a" + b"\x05\x00", b"\x00\x01"]:
         with pytest.raises(ImageError):
@@ -649,4 +761,6 @@ def test_lz4_blocks_round_trip_and_refuse_garbage() -> None:
 
 
 def _reg(name: str, data: bytes = b"", *, mode: int = 0o644, **kw: int) -> CpioEntry:
-    return CpioEntry(CpioHeader(name=name, mode=stat.S_IFREG | mode, filesize=len(data), **kw), data)
+    return CpioEntry(
+        CpioHeader(name=name, mode=stat.S_IFREG | mode, filesize=len(data), **kw), data
+    )

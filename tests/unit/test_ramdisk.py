@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ DECOMPRESS_CMD = {
 
 def make_tree(root: Path, *, reverse: bool = False) -> Path:
     """A small root file system; *reverse* creates it in another order with other metadata."""
-    steps = [
+    steps: list[Callable[[], object]] = [
         lambda: (root / "bin").mkdir(),
         lambda: (root / "etc" / "empty.d").mkdir(parents=True),
         lambda: (root / "bin" / "busybox").write_bytes(b"\x7fELF" + bytes(range(256)) * 40),
@@ -46,8 +47,9 @@ def make_tree(root: Path, *, reverse: bool = False) -> Path:
         lambda: (root / "etc" / "secret").write_bytes(b"s"),
     ]
     root.mkdir()
-    # The order of creation and the hard link must not matter (the link needs its target).
-    for step in steps if not reverse else steps[:2] + steps[2:][::-1][-1:] + steps[2:][::-1][:-1]:
+    # The order of creation must not matter (dirs first, and a hard link needs its target).
+    order = steps if not reverse else [*steps[:3], *reversed(steps[3:])]
+    for step in order:
         step()
     (root / "init").chmod(0o755)
     (root / "bin" / "busybox").chmod(0o4755)
@@ -68,7 +70,9 @@ def entries_of(image: Path, kind: Compression = Compression.GZIP) -> dict[str, C
     return {e.header.name: e for e in read_archive(raw)}
 
 
-def test_pack_lists_sorted_entries_with_fixed_metadata(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pack_lists_sorted_entries_with_fixed_metadata(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
     tree = make_tree(tmp_path / "root")
     info = pack_ramdisk(tree, tmp_path / "initrd.img")
@@ -89,7 +93,10 @@ def test_pack_lists_sorted_entries_with_fixed_metadata(tmp_path: Path, monkeypat
     inos = [e.header.ino for e in entries.values()]
     assert inos == [1, 2, 2, 3, 4, 5, 6, 7, 8, 9, 10]  # in archive order, links share one
     console = entries["dev/console"].header
-    assert console.mode == stat.S_IFCHR | 0o600 and (console.rdev_major, console.rdev_minor) == (5, 1)
+    assert console.mode == stat.S_IFCHR | 0o600 and (console.rdev_major, console.rdev_minor) == (
+        5,
+        1,
+    )
     assert entries["dev"].header.mode == stat.S_IFDIR | 0o755
     assert entries["bin/busybox"].header.permissions == 0o4755
     assert entries["etc/secret"].header.permissions == 0o600
@@ -101,7 +108,9 @@ def test_pack_lists_sorted_entries_with_fixed_metadata(tmp_path: Path, monkeypat
     assert first.data == b"" and last.data == (tree / "bin" / "ls").read_bytes()
 
 
-def test_same_tree_gives_same_bytes_whatever_its_history(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_same_tree_gives_same_bytes_whatever_its_history(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
     a = pack_ramdisk(make_tree(tmp_path / "a"), tmp_path / "a.img")
     b = pack_ramdisk(make_tree(tmp_path / "b", reverse=True), tmp_path / "b.img")
@@ -131,7 +140,9 @@ def test_gnu_cpio_extracts_the_same_tree(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     archive = unpack_with(["gzip", "-dc"], tmp_path / "initrd.img")
-    subprocess.run(["cpio", "-idm", "--quiet", "--no-absolute-filenames"], cwd=out, input=archive, check=True)
+    subprocess.run(
+        ["cpio", "-idm", "--quiet", "--no-absolute-filenames"], cwd=out, input=archive, check=True
+    )
     for p in tree.rglob("*"):
         rel = p.relative_to(tree)
         q = out / rel
@@ -143,11 +154,16 @@ def test_gnu_cpio_extracts_the_same_tree(tmp_path: Path) -> None:
             assert stat.S_IMODE(q.stat().st_mode) == stat.S_IMODE(p.stat().st_mode)
     assert (out / "bin" / "ls").stat().st_ino == (out / "bin" / "busybox").stat().st_ino
     listing = subprocess.run(
-        ["cpio", "-tv", "--numeric-uid-gid", "--quiet"], input=archive, check=True, capture_output=True
+        ["cpio", "-tv", "--numeric-uid-gid", "--quiet"],
+        input=archive,
+        check=True,
+        capture_output=True,
     ).stdout.decode()
     console = next(line for line in listing.splitlines() if line.endswith("dev/console"))
     fields = console.replace(",", " , ").split()
-    assert fields[0] == "crw-------" and fields[2:4] == ["0", "0"] and fields[4:7] == ["5", ",", "1"]
+    assert (
+        fields[0] == "crw-------" and fields[2:4] == ["0", "0"] and fields[4:7] == ["5", ",", "1"]
+    )
 
 
 @pytest.mark.parametrize("kind", sorted(SUPPORTED))
@@ -247,7 +263,9 @@ def test_special_entry_errors(line: str, message: str) -> None:
 
 
 def test_extra_entry_with_missing_parent_warns(tmp_path: Path) -> None:
-    info = pack_ramdisk(make_tree(tmp_path / "r"), tmp_path / "x", extra=["nod /nope/null 0666 0 0 c 1 3"])
+    info = pack_ramdisk(
+        make_tree(tmp_path / "r"), tmp_path / "x", extra=["nod /nope/null 0666 0 0 c 1 3"]
+    )
     assert any("parent directory nope" in w for w in info.warnings)
 
 
@@ -295,7 +313,9 @@ def test_errors_leave_no_output(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
-def test_file_changing_while_packed_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_file_changing_while_packed_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     tree = make_tree(tmp_path / "root")
     from mobinux.images import ramdisk
 
@@ -332,3 +352,53 @@ def test_packs_without_root(request: pytest.FixtureRequest) -> None:
     )
     assert res.returncode == 0, res.stderr
     assert stat.S_ISCHR(entries_of(work / "x.img")["dev/console"].header.mode)
+
+
+# ------------------------------------------------------------------ a real kernel boots it
+
+GUEST_KERNEL = (
+    Path(os.environ.get("MOBINUX_CACHE", Path.home() / ".cache" / "mobinux")) / "guest" / "vmlinuz"
+)
+BUSYBOX = Path("/usr/bin/busybox")
+
+
+def boot(initrd: Path, timeout: float = 120) -> str:
+    """Boot the cached guest kernel with *initrd* under QEMU (no network) and return the console."""
+    if shutil.which("qemu-system-x86_64") is None or not GUEST_KERNEL.is_file():
+        pytest.skip("needs qemu-system-x86_64 and scripts/fetch-guest-kernel.sh's kernel")
+    argv = [
+        "qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-nographic", "-no-reboot",
+        "-kernel", str(GUEST_KERNEL), "-initrd", str(initrd),
+        "-append", "console=ttyS0 panic=-1 quiet",
+    ]  # fmt: skip
+    res = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+    return res.stdout.decode(errors="replace")
+
+
+BOOT_INIT = """#!/bin/busybox sh
+/bin/busybox echo "MOBINUX-INIT pid=$$"
+/bin/busybox stat -c 'CONSOLE %F %t:%T %a' /dev/console
+/bin/busybox stat -c 'LINK %i %h %n' /bin/busybox /bin/sh2
+/bin/busybox poweroff -f
+"""
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(SUPPORTED))
+def test_the_kernel_boots_it(tmp_path: Path, kind: Compression) -> None:
+    if not BUSYBOX.is_file():
+        pytest.skip("needs busybox-static")
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy(BUSYBOX, root / "bin" / "busybox")
+    os.link(root / "bin" / "busybox", root / "bin" / "sh2")
+    (root / "init").write_text(BOOT_INIT)
+    (root / "init").chmod(0o755)
+    info = pack_ramdisk(root, tmp_path / "initrd.img", compression=str(kind))
+    assert info.warnings == ()
+    console = boot(tmp_path / "initrd.img")
+    assert "MOBINUX-INIT pid=1" in console, console[-3000:]
+    assert "CONSOLE character special file 5:1 600" in console
+    links = [line.split()[1:3] for line in console.splitlines() if line.startswith("LINK ")]
+    assert len(links) == 2 and links[0] == links[1] and links[0][1] == "2"  # one inode, two names

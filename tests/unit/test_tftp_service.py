@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -16,7 +17,7 @@ import pytest
 from mobinux.boot import ResolvedFile
 from mobinux.errors import PathRefused
 from mobinux.paths import contained_file
-from mobinux.tftp.aio import TftpService
+from mobinux.tftp.aio import FileSource, TftpService
 from mobinux.tftp.constants import ErrorCode
 from mobinux.tftp.packet import (
     Ack,
@@ -267,3 +268,76 @@ async def test_busy_server_answers_error(root: Path) -> None:
         assert isinstance(pkt, Error) and pkt.code == ErrorCode.NOT_DEFINED
         a.close()
         b.close()
+
+
+def _evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_cold_file_is_read_in_a_worker_thread(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # RWF_NOWAIT refuses bytes that are not in the page cache; the service
+    # then warms them in the shared executor instead of blocking the loop.
+    cold = root / "cold.bin"
+    cold.write_bytes(os.urandom(3 * 1024 * 1024))
+    want = cold.read_bytes()
+    warmed: list[int] = []
+    real_warm = FileSource.warm
+
+    def counting_warm(self: FileSource) -> None:
+        warmed.append(self.miss_offset)
+        real_warm(self)
+
+    monkeypatch.setattr(FileSource, "warm", counting_warm)
+
+    @run_async
+    async def body() -> None:
+        async with serving(root) as (svc, _):
+            c = Client()
+            for options in ((), (("blksize", "1468"), ("windowsize", "8"))):
+                _evict(cold)
+                assert await c.download(svc.port, "cold.bin", *options) == want
+            c.close()
+
+    body()
+    if FileSource(-1, 0)._nowait:  # only where the platform has RWF_NOWAIT
+        assert warmed, "the cold reads never went to the worker thread"
+
+
+def test_file_source_reads_and_refuses_cold_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(bytes(range(256)) * 64)
+    src = FileSource.open(path)
+    try:
+        bufs = [memoryview(bytearray(100)) for _ in range(3)]
+        assert src.readinto(bufs, 16000) == 300
+        assert src.readinto(bufs, 16200) == 16384 - 16200  # EOF
+        assert bytes(bufs[0]) == (bytes(range(256)) * 64)[16200:16300]
+        with pytest.raises(FileNotFoundError):
+            FileSource.open(tmp_path)  # a directory
+    finally:
+        src.close()
+
+
+@run_async
+async def test_windows_without_gso(root: Path) -> None:
+    # Where the kernel refuses UDP_SEGMENT the window goes out block by block.
+    async with serving(root) as (svc, _):
+        svc._gso = False
+        c = Client()
+        want = (root / "a.bin").read_bytes()
+        assert await c.download(svc.port, "a.bin", ("blksize", "100"), ("windowsize", "16")) == want
+        c.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SO_BINDTODEVICE needs CAP_NET_RAW")
+@run_async
+async def test_bound_to_an_interface(root: Path) -> None:
+    async with serving(root, interface="lo") as (svc, _):
+        c = Client()
+        assert await c.download(svc.port, "sub/b.bin", ("blksize", "1468")) == b"b" * 1024
+        c.close()

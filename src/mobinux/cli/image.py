@@ -38,6 +38,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    "placeholders {mac} {ip} {hostname} {server} {ipconfig}")
     p.add_argument("--compression", choices=_COMPRESSIONS, default="gzip",
                    help="initramfs compression (default gzip; every kernel reads it)")
+    p.add_argument("--special", type=Path, metavar="FILE",
+                   help="extra entries in gen_init_cpio syntax, e.g. 'nod /dev/null 0666 0 0 c 1 3' "
+                   "(device nodes a non-root user cannot create in DIR)")
     p = isub.add_parser("list", help="list images")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = isub.add_parser("remove", help="remove an image no node uses")
@@ -84,8 +87,15 @@ def _ramdisk(args: argparse.Namespace, inv: Inventory) -> int:
     work.chmod(0o755)  # mkdtemp makes it private; images are served to anyone who boots
     try:
         shutil.copyfile(args.kernel, work / "vmlinuz")
+        extra = None
+        if args.special is not None:
+            try:
+                extra = args.special.read_text()
+            except OSError as exc:
+                raise ImageError(f"cannot read --special {args.special}: {exc.strerror}") from None
         info = pack_ramdisk(args.dir, work / "initrd.img", compression=args.compression,
-                            progress=ProgressBar(f"packing {name}"))
+                            progress=ProgressBar(f"packing {name}"), extra=extra,
+                            extra_base=None if args.special is None else args.special.parent)
         for warning in info.warnings:
             print(f"warning: {warning}")
         for f in (work / "vmlinuz", work / "initrd.img"):

@@ -109,11 +109,9 @@ class _CommitThread(threading.Thread):
                 self._service._trouble.note(
                     "commit", f"DHCP lease commit failed: {e}", logging.ERROR
                 )
-            if ok:
-                for _, replies, sock in work:
-                    self._service._send(sock, replies)
-            with self._cond:
-                self.outstanding -= len(work)
+            # Replies go out from the event loop thread: one wake-up per group
+            # instead of the two threads trading the GIL around every sendto.
+            self._service._sent_from_thread(work if ok else [], len(work))
 
 
 class DhcpService:
@@ -281,6 +279,25 @@ class DhcpService:
             committer.submit(dirty, replies, sock)
         elif replies:
             self._send(sock, replies)
+
+    def _sent_from_thread(
+        self, work: list[tuple[list[Lease], list[Reply], socket.socket]], count: int
+    ) -> None:
+        """Called by the commit thread once *work* is durable (empty: commit failed)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # loop closed under us: nobody to send to
+            loop.call_soon_threadsafe(self._send_committed, work, count)
+
+    def _send_committed(
+        self, work: list[tuple[list[Lease], list[Reply], socket.socket]], count: int
+    ) -> None:
+        for _, replies, sock in work:
+            if sock.fileno() >= 0:
+                self._send(sock, replies)
+        if self._committer is not None:
+            self._committer.outstanding -= count
 
     def _send(self, sock: socket.socket, replies: Sequence[Reply]) -> None:
         """Send replies; a failed send is counted and logged (rate-limited), never raised."""

@@ -135,31 +135,29 @@ class DhcpPacket:
         options do not fit, they spill into 'file' and 'sname' if those are
         empty (RFC 2132 §9.3); :class:`PacketTooLarge` when even that fails.
         """
-        instances: list[bytes] = []
-        total = 0
+        body = bytearray()
         for code, value in self.options.items():
             if not 0 < code < 255 or code == _OVERLOAD:
                 raise ValueError(f"option code {code} cannot be set directly")
             n = len(value)
             if n <= 255:
-                inst = bytes((code, n)) + value
-                instances.append(inst)
-                total += n + 2
+                body.append(code)
+                body.append(n)
+                body += value
             else:
                 # RFC 3396 §7: split into instances of at most 255 octets, in order.
                 for i in range(0, n, 255):
                     chunk = value[i : i + 255]
-                    instances.append(bytes((code, len(chunk))) + chunk)
-                    total += len(chunk) + 2
+                    body.append(code)
+                    body.append(len(chunk))
+                    body += chunk
         sname = self.sname
         file = self.file
         if len(sname) > _SNAME_LEN or len(file) > _FILE_LEN:
             raise ValueError("sname or file too long")
-        if max_size is None or OPTIONS_OFFSET + total + 1 <= max_size:
-            body = b"".join(instances)
-            overload = 0
-        else:
-            body, file, sname = self._overload(instances, max_size)
+        overload = 0
+        if max_size is not None and OPTIONS_OFFSET + len(body) + 1 > max_size:
+            body, file, sname = self._overload(self._instances(body), max_size)
             overload = 1
         head = _HEADER.pack(
             self.op,
@@ -184,7 +182,18 @@ class DhcpPacket:
             out += bytes(MIN_MESSAGE_LEN - len(out))
         return out
 
-    def _overload(self, instances: list[bytes], max_size: int) -> tuple[bytes, bytes, bytes]:
+    @staticmethod
+    def _instances(body: bytearray) -> list[bytes]:
+        """Cut an encoded option sequence back into its instances."""
+        out = []
+        i = 0
+        while i < len(body):
+            j = i + 2 + body[i + 1]
+            out.append(bytes(body[i:j]))
+            i = j
+        return out
+
+    def _overload(self, instances: list[bytes], max_size: int) -> tuple[bytearray, bytes, bytes]:
         # Areas in RFC 3396 §6 order: options, then file, then sname. Each area
         # ends with END (RFC 2132 §9.3); the options field also carries 52 (3 octets).
         caps = [max_size - OPTIONS_OFFSET - 1 - 3]
@@ -218,7 +227,7 @@ class DhcpPacket:
             else:
                 flag |= Overload.SNAME
                 sname = data.ljust(_SNAME_LEN, b"\0")
-        body = b"".join(areas[0])
+        body = bytearray(b"".join(areas[0]))
         if flag:
             body += bytes((_OVERLOAD, 1, flag))
         return body, file, sname

@@ -23,8 +23,8 @@ lzo        ``89 4c 5a 4f``             detected only; refused with a clear error
 
 Every decoder is driven with an output limit, so a small "bomb" never becomes
 a large allocation: gzip, xz, lzma and bzip2 natively (``max_length``), zstd
-by feeding it 1 KiB of input at a time (a zstd block expands to at most
-128 KiB, so one call yields at most ~32 MiB), lz4 per 8 MiB block.
+by feeding it 256 bytes of input at a time (a 4-byte zstd block expands to
+at most 128 KiB, so one call yields at most ~8 MiB), lz4 per 8 MiB block.
 
 gzip output is reproducible: the header carries no file name and mtime 0, as
 ``gzip -n`` writes it.
@@ -95,7 +95,7 @@ CHUNK = 1 << 16
 # Bounds on what a decoder may allocate, whatever the stream header claims.
 _XZ_MEMLIMIT = 512 << 20
 _ZSTD_MAX_WINDOW = 1 << 27
-_ZSTD_FEED = 1024
+_ZSTD_FEED = 256
 _LZ4_MAGIC = 0x184C2102
 _LZ4_BLOCK = 8 << 20  # legacy frame: each block decompresses to at most 8 MiB
 _LZ4_BOUND = _LZ4_BLOCK + _LZ4_BLOCK // 255 + 16  # LZ4_compressBound(8 MiB)
@@ -157,7 +157,9 @@ class _ZlibDecoder:
 
     @property
     def unused_data(self) -> bytes:
-        return self._d.unused_data + self._tail
+        # Once the stream has ended, CPython may leave a stale copy of the
+        # leftover input in unconsumed_tail: unused_data alone is authoritative.
+        return self._d.unused_data
 
     @property
     def needs_input(self) -> bool:
@@ -165,7 +167,7 @@ class _ZlibDecoder:
 
     def decompress(self, data: bytes, max_length: int) -> bytes:
         out = self._d.decompress(self._tail + data, max_length)
-        self._tail = self._d.unconsumed_tail
+        self._tail = b"" if self._d.eof else self._d.unconsumed_tail
         return out
 
     def end_of_input(self) -> bool:
@@ -201,15 +203,18 @@ class _StdlibDecoder:
 
 
 class _ZstdDecoder:
+    """zstandard's decompressobj has no output limit: feed it small pieces instead."""
+
     def __init__(self) -> None:
         self._d = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW).decompressobj()
         self._in = b""
         self._out = b""
+        self._pos = 0
         self._done = False
 
     @property
     def eof(self) -> bool:
-        return self._done and not self._out
+        return self._done and self._pos == len(self._out)
 
     @property
     def unused_data(self) -> bytes:
@@ -217,16 +222,18 @@ class _ZstdDecoder:
 
     @property
     def needs_input(self) -> bool:
-        return not self._in and not self._out and not self._done
+        return not self._in and self._pos == len(self._out) and not self._done
 
     def decompress(self, data: bytes, max_length: int) -> bytes:
         self._in += data
-        while not self._out and self._in and not self._done:
+        while self._pos == len(self._out) and self._in and not self._done:
             piece, self._in = self._in[:_ZSTD_FEED], self._in[_ZSTD_FEED:]
             self._out = self._d.decompress(piece)
+            self._pos = 0
             if self._d.eof:
                 self._done = True
-        out, self._out = self._out[:max_length], self._out[max_length:]
+        out = self._out[self._pos : self._pos + max_length]
+        self._pos += len(out)
         return out
 
     def end_of_input(self) -> bool:
@@ -404,7 +411,9 @@ def new_encoder(kind: Compression, level: int | None = None) -> Encoder:
         return _GzipEncoder(level)
     if kind is Compression.XZ:
         # The kernel's XZ embedded decoder supports CRC32/CRC64 checks, not SHA-256.
-        return _StdlibEncoder(lzma.LZMACompressor(lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, preset=level))
+        return _StdlibEncoder(
+            lzma.LZMACompressor(lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, preset=level)
+        )
     if kind is Compression.LZMA:
         return _StdlibEncoder(lzma.LZMACompressor(lzma.FORMAT_ALONE, preset=level))
     if kind is Compression.BZIP2:
@@ -502,10 +511,16 @@ class DecompressingReader:
 
     def read(self, size: int) -> bytes:
         size = max(1, min(size, CHUNK))
+        idle = 0
         try:
             while not self._eof:
                 if not self._dec.needs_input:
                     out = self._dec.decompress(b"", size)
+                    idle = 0 if out else idle + 1
+                    if idle > 1000:  # a decoder that neither wants input nor yields output
+                        raise ImageError(
+                            f"{self._kind} decoder stalled at offset {self._src.offset}"
+                        )
                 else:
                     data = self._src.read(CHUNK)
                     out = self._dec.decompress(data, size)
@@ -522,7 +537,9 @@ class DecompressingReader:
                     self.decompressed_size += len(out)
                     return out
         except (OSError, EOFError, lzma.LZMAError, zlib.error, zstandard.ZstdError) as exc:
-            raise ImageError(f"corrupt {self._kind} stream starting at offset {self._start}: {exc}") from exc
+            raise ImageError(
+                f"corrupt {self._kind} stream starting at offset {self._start}: {exc}"
+            ) from exc
         return b""
 
     def drain(self) -> int:
@@ -611,8 +628,10 @@ def lz4_block_decompress(src: bytes, max_out: int) -> bytes:
                     lit += b
                     if b != 255:
                         break
-            if i + lit > n or len(out) + lit > max_out:
-                raise ImageError("lz4 block: literal run past the end")
+            if i + lit > n:
+                raise ImageError("lz4 block: literal run past the end of the block")
+            if len(out) + lit > max_out:
+                raise ImageError("lz4 block: output larger than the block limit")
             out += src[i : i + lit]
             i += lit
             if i == n:

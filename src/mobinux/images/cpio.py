@@ -133,7 +133,9 @@ class CpioHeader:
             raise ImageError(f"invalid cpio entry name {self.name!r}")
         namesize = len(raw_name) + 1
         if namesize > MAX_NAME_SIZE:
-            raise ImageError(f"cpio entry name longer than {MAX_NAME_SIZE - 1} bytes: {self.name[:60]!r}...")
+            raise ImageError(
+                f"cpio entry name longer than {MAX_NAME_SIZE - 1} bytes: {self.name[:60]!r}..."
+            )
         values = (
             self.ino,
             self.mode,
@@ -151,7 +153,9 @@ class CpioHeader:
         )
         for fname, value in zip(_FIELD_NAMES, values, strict=True):
             if not 0 <= value <= _U32_MAX:
-                raise ImageError(f"cpio field {fname}={value} of {self.name!r} does not fit in 32 bits")
+                raise ImageError(
+                    f"cpio field {fname}={value} of {self.name!r} does not fit in 32 bits"
+                )
         head = (CRC_MAGIC if crc else NEWC_MAGIC) + b"".join(b"%08X" % v for v in values)
         return head + raw_name + b"\x00" * (1 + _align4(HEADER_SIZE + namesize))
 
@@ -187,7 +191,9 @@ class CpioReader:
     been consumed (read or skipped).
     """
 
-    def __init__(self, stream: SupportsRead, *, base_offset: int = 0, verify_checksum: bool = True) -> None:
+    def __init__(
+        self, stream: SupportsRead, *, base_offset: int = 0, verify_checksum: bool = True
+    ) -> None:
         self._stream = stream
         self._offset = base_offset
         self._remaining = 0  # data bytes of the current entry not consumed yet
@@ -220,7 +226,9 @@ class CpioReader:
         while got < n:
             chunk = self._stream.read(n - got)
             if not chunk:
-                raise ImageError(f"cpio archive truncated in {what} at offset {start} (need {n} bytes, have {got})")
+                raise ImageError(
+                    f"cpio archive truncated in {what} at offset {start} (need {n} bytes, have {got})"
+                )
             if len(chunk) > n - got:  # a misbehaving stream must not make us over-count
                 raise ImageError(f"reader returned more than asked at offset {self._offset}")
             parts.append(chunk)
@@ -265,7 +273,9 @@ class CpioReader:
         elif magic == CRC_MAGIC:
             crc = True
         else:
-            raise ImageError(f"bad cpio magic {magic!r} at offset {start} (only newc 070701/070702 is supported)")
+            raise ImageError(
+                f"bad cpio magic {magic!r} at offset {start} (only newc 070701/070702 is supported)"
+            )
         digits = raw[6:]
         if not _HEX_FIELDS.fullmatch(digits):
             raise ImageError(f"cpio header at offset {start} has a non-hexadecimal field")
@@ -278,8 +288,6 @@ class CpioReader:
         name_bytes = raw_name[: namesize - 1]
         if raw_name[namesize - 1] != 0 or b"\x00" in name_bytes:
             raise ImageError(f"cpio entry name at offset {start} is not a NUL-terminated string")
-        if any(raw_name[namesize:]):
-            raise ImageError(f"cpio header at offset {start}: non-NUL bytes in name padding")
         header = CpioHeader(name=decode_name(name_bytes), **fields)
         self._crc_format = crc
         if header.name == TRAILER:
@@ -294,8 +302,16 @@ class CpioReader:
         self._remaining = header.filesize
         self._padding = _align4(header.filesize)
         self._sum = 0
-        if self._remaining == 0 and crc and header.is_regular and self._verify and header.check != 0:
-            raise ImageError(f"cpio checksum mismatch for empty file {header.name!r} at offset {start}")
+        if (
+            self._remaining == 0
+            and crc
+            and header.is_regular
+            and self._verify
+            and header.check != 0
+        ):
+            raise ImageError(
+                f"cpio checksum mismatch for empty file {header.name!r} at offset {start}"
+            )
         return header
 
     def __iter__(self) -> Iterator[CpioHeader]:
@@ -318,7 +334,9 @@ class CpioReader:
         """The current entry's whole data, refusing entries that claim more than *limit* bytes."""
         if self._remaining > limit:
             name = self._current.name if self._current else "?"
-            raise ImageError(f"cpio entry {name!r} data too large ({self._remaining} > {limit} bytes)")
+            raise ImageError(
+                f"cpio entry {name!r} data too large ({self._remaining} > {limit} bytes)"
+            )
         return b"".join(self.iter_data())
 
     def close_entry(self) -> None:
@@ -355,15 +373,31 @@ class CpioWriter:
             self._stream.write(data)
             self._written += len(data)
 
-    def add(self, header: CpioHeader, data: bytes | bytearray | memoryview | SupportsRead = b"") -> None:
-        """Append one entry; *data* holds exactly ``header.filesize`` bytes (or more, unread)."""
+    @property
+    def crc(self) -> bool:
+        return self._crc
+
+    def add(
+        self,
+        header: CpioHeader,
+        data: bytes | bytearray | memoryview | SupportsRead = b"",
+        *,
+        checksum: int | None = None,
+    ) -> None:
+        """Append one entry; *data* holds exactly ``header.filesize`` bytes (or more, unread).
+
+        In the ``070702`` format a caller streaming a regular file may pass its
+        *checksum* (:func:`data_checksum`); otherwise it is computed here.
+        """
         if self._closed:
             raise ImageError("cpio archive already closed")
         if header.name == TRAILER:
             raise ImageError(f"an entry may not be named {TRAILER!r}")
         if isinstance(data, bytes | bytearray | memoryview):
             if len(data) != header.filesize:
-                raise ImageError(f"{header.name!r}: filesize {header.filesize} but {len(data)} data bytes")
+                raise ImageError(
+                    f"{header.name!r}: filesize {header.filesize} but {len(data)} data bytes"
+                )
             if self._crc:
                 check = data_checksum(data) if header.is_regular else 0
                 header = _replace_check(header, check)
@@ -371,14 +405,21 @@ class CpioWriter:
             self._emit(bytes(data))
         else:
             if self._crc:
-                check = _stream_checksum(data, header) if header.is_regular else 0
+                if not header.is_regular:
+                    check = 0
+                elif checksum is not None:
+                    check = checksum
+                else:
+                    check = _stream_checksum(data, header)
                 header = _replace_check(header, check)
             self._emit(header.encode(crc=self._crc))
             left = header.filesize
             while left:
                 chunk = data.read(min(left, CHUNK))
                 if not chunk:
-                    raise ImageError(f"{header.name!r}: data ended {left} bytes short of filesize {header.filesize}")
+                    raise ImageError(
+                        f"{header.name!r}: data ended {left} bytes short of filesize {header.filesize}"
+                    )
                 chunk = chunk[:left]
                 self._emit(chunk)
                 left -= len(chunk)
@@ -397,12 +438,13 @@ def _replace_check(header: CpioHeader, check: int) -> CpioHeader:
     return replace(header, check=check)
 
 
-def _stream_checksum(data: SupportsRead, header: CpioHeader) -> int:
+def stream_checksum(data: SupportsRead, size: int) -> int:
+    """:func:`data_checksum` of the next *size* bytes of a seekable stream, which is then rewound."""
     if not (isinstance(data, io.IOBase) and data.seekable()):
-        raise ImageError(f"{header.name!r}: the 070702 format needs a seekable data stream")
+        raise ImageError("the 070702 format needs a seekable data stream (or a checksum)")
     pos = data.tell()
     total = 0
-    left = header.filesize
+    left = size
     while left:
         chunk = data.read(min(left, CHUNK))
         if not chunk:
@@ -411,6 +453,13 @@ def _stream_checksum(data: SupportsRead, header: CpioHeader) -> int:
         left -= len(chunk)
     data.seek(pos)
     return total
+
+
+def _stream_checksum(data: SupportsRead, header: CpioHeader) -> int:
+    try:
+        return stream_checksum(data, header.filesize)
+    except ImageError as exc:
+        raise ImageError(f"{header.name!r}: {exc}") from None
 
 
 def read_archive(data: bytes | bytearray | memoryview) -> list[CpioEntry]:

@@ -14,7 +14,9 @@ zstd compressed main archive.
 their compression and stream grouping, and for every entry its kind, mode,
 owner, mtime and, for devices, numbers. Device nodes, FIFOs and sockets live
 only in the manifest; regular files, directories, symlinks and hard links are
-created for real, with their modes and mtimes. Names with ``..``, absolute
+created for real, with their modes and mtimes (a non-root user gets at least
+``u+rwx`` on directories and ``u+r`` on files, so the tree stays readable and
+removable; the manifest keeps the real modes). Names with ``..``, absolute
 names and names that lead through a symlink are refused.
 
 ``repack_initrd(DIR, FILE)`` rebuilds the segments in the same order with
@@ -119,7 +121,11 @@ class ManifestEntry:
     disk_mode: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        obj: dict[str, Any] = {"name": self.name, "kind": str(self.kind), "mode": f"{self.mode:04o}"}
+        obj: dict[str, Any] = {
+            "name": self.name,
+            "kind": str(self.kind),
+            "mode": f"{self.mode:04o}",
+        }
         obj["uid"] = self.uid
         obj["gid"] = self.gid
         obj["mtime"] = self.mtime
@@ -157,8 +163,12 @@ class ManifestEntry:
             gid=_as_u32(d.get("gid", 0), f"{where} gid"),
             mtime=_as_u32(d.get("mtime", 0), f"{where} mtime"),
             rdev=rdev,
-            archive_name=None if archive_name is None else _as_str(archive_name, f"{where} archive_name"),
-            disk_mode=None if d.get("disk_mode") is None else _as_mode(d["disk_mode"], f"{where} disk_mode"),
+            archive_name=None
+            if archive_name is None
+            else _as_str(archive_name, f"{where} archive_name"),
+            disk_mode=None
+            if d.get("disk_mode") is None
+            else _as_mode(d["disk_mode"], f"{where} disk_mode"),
         )
 
 
@@ -188,7 +198,12 @@ class InitrdManifest:
 
     def to_json(self) -> str:
         """Stable JSON, one entry per line so that diffs stay readable."""
-        lines = ["{", f'  "format": "{MANIFEST_FORMAT}",', f'  "version": {MANIFEST_VERSION},', '  "segments": [']
+        lines = [
+            "{",
+            f'  "format": "{MANIFEST_FORMAT}",',
+            f'  "version": {MANIFEST_VERSION},',
+            '  "segments": [',
+        ]
         for si, seg in enumerate(self.segments):
             head = {
                 "directory": seg.directory,
@@ -233,7 +248,9 @@ class InitrdManifest:
             try:
                 compression = Compression(_as_str(s.get("compression"), "compression"))
             except ValueError:
-                raise ImageError(f"manifest: unknown compression {s.get('compression')!r}") from None
+                raise ImageError(
+                    f"manifest: unknown compression {s.get('compression')!r}"
+                ) from None
             if compression not in SUPPORTED:
                 raise ImageError(f"manifest: {compression} compression is not supported")
             fmt = s.get("format", "newc")
@@ -317,7 +334,12 @@ def _as_mode(obj: object, what: str) -> int:
 
 def _check_relative(name: str, what: str) -> None:
     parts = name.split("/")
-    if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\x00" in name:
+    if (
+        not name
+        or name.startswith("/")
+        or any(p in ("", ".", "..") for p in parts)
+        or "\x00" in name
+    ):
         raise ImageError(f"manifest: {what} {name!r} is not a normalised relative path")
 
 
@@ -336,6 +358,24 @@ def normalise_entry_name(raw: str, offset: int) -> str:
     if ".." in parts:
         raise ImageError(f"refusing entry name {raw!r} with '..' at offset {offset}")
     return "/".join(parts) or ROOT
+
+
+def _usable_mode(kind: EntryKind, mode: int) -> int:
+    """The permissions to give an extracted entry.
+
+    Root gets the archive's mode as is. Anyone else could neither repack
+    (read) nor edit or delete a tree holding, say, a 0555 ``proc`` directory
+    or a 0000 file, so directories get at least ``u+rwx`` and files ``u+r``;
+    the manifest keeps the real mode (``disk_mode`` records the difference)
+    and repack restores it.
+    """
+    if os.geteuid() == 0:
+        return mode
+    if kind is EntryKind.DIR:
+        return mode | stat.S_IRWXU
+    if kind is EntryKind.FILE:
+        return mode | stat.S_IRUSR
+    return mode
 
 
 class _Extractor:
@@ -360,7 +400,9 @@ class _Extractor:
             os.close(self._cache[1])
             self._cache = None
 
-    def _parent(self, parts: tuple[str, ...], name: str, offset: int, *, create: bool = True) -> int:
+    def _parent(
+        self, parts: tuple[str, ...], name: str, offset: int, *, create: bool = True
+    ) -> int:
         """An fd of the directory *parts*, created as needed; never through a symlink."""
         if self._cache is not None and self._cache[0] == parts:
             return self._cache[1]
@@ -413,7 +455,9 @@ class _Extractor:
             try:
                 os.rmdir(base, dir_fd=pfd)
             except OSError:
-                raise ImageError(f"entry {name!r} at offset {offset} would replace a non-empty directory") from None
+                raise ImageError(
+                    f"entry {name!r} at offset {offset} would replace a non-empty directory"
+                ) from None
             self._drop_cache()
         else:
             os.unlink(base, dir_fd=pfd)
@@ -424,7 +468,9 @@ class _Extractor:
         name = normalise_entry_name(header.name, offset)
         kind = kind_of_mode(header.mode)
         if kind is None:
-            raise ImageError(f"entry {header.name!r} at offset {offset} has unknown file type {header.mode:#o}")
+            raise ImageError(
+                f"entry {header.name!r} at offset {offset} has unknown file type {header.mode:#o}"
+            )
         entry = ManifestEntry(
             name=name,
             kind=kind,
@@ -432,12 +478,16 @@ class _Extractor:
             uid=header.uid,
             gid=header.gid,
             mtime=header.mtime,
-            rdev=(header.rdev_major, header.rdev_minor) if kind in (EntryKind.CHAR, EntryKind.BLOCK) else None,
+            rdev=(header.rdev_major, header.rdev_minor)
+            if kind in (EntryKind.CHAR, EntryKind.BLOCK)
+            else None,
             archive_name=None if header.name == name else header.name,
         )
         if name == ROOT:
             if kind is not EntryKind.DIR:
-                raise ImageError(f"root entry {header.name!r} at offset {offset} is not a directory")
+                raise ImageError(
+                    f"root entry {header.name!r} at offset {offset} is not a directory"
+                )
             self._entries[ROOT] = entry
             self._fixups[ROOT] = (kind, entry.mode, entry.mtime)
             return
@@ -454,7 +504,9 @@ class _Extractor:
         elif kind is EntryKind.SYMLINK:
             target = reader.read_all(SYMLINK_MAX)
             if not target or b"\x00" in target:
-                raise ImageError(f"symlink {header.name!r} at offset {offset} has an invalid target")
+                raise ImageError(
+                    f"symlink {header.name!r} at offset {offset} has an invalid target"
+                )
             os.symlink(target, base, dir_fd=pfd)
         if same_dir and name in self._entries:
             # A directory listed twice keeps its first place: its contents follow it.
@@ -465,11 +517,15 @@ class _Extractor:
         if kind.on_disk:
             self._fixups[name] = (kind, entry.mode, entry.mtime)
 
-    def _write_file(self, pfd: int, base: bytes, name: str, header: CpioHeader, reader: CpioReader) -> None:
+    def _write_file(
+        self, pfd: int, base: bytes, name: str, header: CpioHeader, reader: CpioReader
+    ) -> None:
         key = (header.ino, header.dev_major, header.dev_minor) if header.nlink >= 2 else None
         first = self._links.get(key) if key is not None else None
         if key is not None and first is not None:
-            os.link(_enc(first), base, src_dir_fd=self._root_fd, dst_dir_fd=pfd, follow_symlinks=False)
+            os.link(
+                _enc(first), base, src_dir_fd=self._root_fd, dst_dir_fd=pfd, follow_symlinks=False
+            )
             self._link_of[name] = key
             if header.filesize == 0:
                 return
@@ -501,7 +557,7 @@ class _Extractor:
             if kind_of_mode(st.st_mode) is not kind:
                 continue
             if kind is not EntryKind.SYMLINK:
-                os.chmod(base, mode, dir_fd=pfd)
+                os.chmod(base, _usable_mode(kind, mode), dir_fd=pfd)
                 got = stat.S_IMODE(os.stat(base, dir_fd=pfd, follow_symlinks=False).st_mode)
                 if got != mode:
                     disk_modes[name] = got
@@ -509,14 +565,22 @@ class _Extractor:
             os.utime(base, ns=(ns, ns), dir_fd=pfd, follow_symlinks=False)
         self._drop_cache()
         _, mode, mtime = self._fixups.get(ROOT, (EntryKind.DIR, 0o755, 0))
-        os.fchmod(self._root_fd, mode)
+        os.fchmod(self._root_fd, _usable_mode(EntryKind.DIR, mode))
         got = stat.S_IMODE(os.fstat(self._root_fd).st_mode)
         if got != mode and ROOT in self._entries:
             disk_modes[ROOT] = got
         os.utime(self._root_fd, ns=(mtime * 1_000_000_000,) * 2)
         entries = tuple(
             ManifestEntry(
-                e.name, e.kind, e.mode, e.uid, e.gid, e.mtime, e.rdev, e.archive_name, disk_modes.get(e.name)
+                e.name,
+                e.kind,
+                e.mode,
+                e.uid,
+                e.gid,
+                e.mtime,
+                e.rdev,
+                e.archive_name,
+                disk_modes.get(e.name),
             )
             for e in self._entries.values()
         )
@@ -568,12 +632,16 @@ def unpack_initrd(file: Path, dest: Path) -> InitrdManifest:
         with f:
             src = ByteSource(f)
 
-            def extract(source: ByteSource, kind: Compression, stream: int, start: int, context: str) -> None:
+            def extract(
+                source: ByteSource, kind: Compression, stream: int, start: int, context: str
+            ) -> None:
                 directory = f"segment-{len(segments)}"
                 path = dest / directory
                 created.append(path)
                 entries, implicit, crc = _extract_archive(source, os.fsencode(path), context)
-                segments.append(InitrdSegment(directory, kind, stream, start, crc, entries, implicit))
+                segments.append(
+                    InitrdSegment(directory, kind, stream, start, crc, entries, implicit)
+                )
 
             stream = 0
             while True:
@@ -586,7 +654,9 @@ def unpack_initrd(file: Path, dest: Path) -> InitrdManifest:
                 if kind is None:
                     raise ImageError(f"{file}: unrecognised data at offset {start} ({head.hex()})")
                 if kind not in SUPPORTED:
-                    raise ImageError(f"{file}: {kind}-compressed data at offset {start} is not supported")
+                    raise ImageError(
+                        f"{file}: {kind}-compressed data at offset {start} is not supported"
+                    )
                 if kind is Compression.NONE:
                     extract(src, kind, stream, start, f"{file}")
                 else:
@@ -599,7 +669,9 @@ def unpack_initrd(file: Path, dest: Path) -> InitrdManifest:
                         if not head:
                             break
                         if detect(head) is not Compression.NONE:
-                            raise ImageError(f"{context}: junk at offset {inner.offset} of its data ({head.hex()})")
+                            raise ImageError(
+                                f"{context}: junk at offset {inner.offset} of its data ({head.hex()})"
+                            )
                         extract(inner, kind, stream, start, context)
                     if len(segments) == before:
                         raise ImageError(f"{context} holds no cpio archive")
@@ -612,7 +684,9 @@ def unpack_initrd(file: Path, dest: Path) -> InitrdManifest:
         for path in created:
             shutil.rmtree(path, ignore_errors=True)
         if isinstance(exc, OSError):
-            raise ImageError(f"cannot unpack {file}: {exc.strerror or exc} ({exc.filename or ''})") from exc
+            raise ImageError(
+                f"cannot unpack {file}: {exc.strerror or exc} ({exc.filename or ''})"
+            ) from exc
         raise
     return manifest
 
@@ -638,9 +712,7 @@ def _scan(root: bytes) -> dict[str, tuple[bytes, os.stat_result]]:
     return {name: found[name] for name in sorted(found, key=sort_key)}
 
 
-def _member(
-    name: str, path: bytes, st: os.stat_result, recorded: ManifestEntry | None
-) -> Member:
+def _member(name: str, path: bytes, st: os.stat_result, recorded: ManifestEntry | None) -> Member:
     kind = kind_of_mode(st.st_mode)
     perms = stat.S_IMODE(st.st_mode)
     uid = gid = 0
@@ -660,7 +732,9 @@ def _member(
         target = os.readlink(path)
         return Member(name, mode, uid, gid, mtime, size=len(target), data=target)
     if kind in (EntryKind.CHAR, EntryKind.BLOCK):
-        return Member(name, mode, uid, gid, mtime, rdev=(os.major(st.st_rdev), os.minor(st.st_rdev)))
+        return Member(
+            name, mode, uid, gid, mtime, rdev=(os.major(st.st_rdev), os.minor(st.st_rdev))
+        )
     return Member(name, mode, uid, gid, mtime)
 
 
@@ -764,7 +838,9 @@ def repack_initrd(src: Path, out: Path, *, level: int | None = None) -> None:
             # plain decompressors (zstd -d, xz -d) accept the final stream as it is.
             sink.write(b"\x00" * ((-sink.count) & 3))
             kind = group[0].compression
-            compressor = CompressingWriter(sink, kind, level) if kind is not Compression.NONE else None
+            compressor = (
+                CompressingWriter(sink, kind, level) if kind is not Compression.NONE else None
+            )
             target: SupportsWrite = compressor if compressor is not None else sink
             for seg in group:
                 writer = CpioWriter(target, crc=seg.crc)
@@ -794,7 +870,9 @@ def iter_segments(file: Path) -> Iterator[tuple[int, Compression, int, CpioHeade
             start = src.offset
             kind = detect(head)
             if kind is None or kind not in SUPPORTED:
-                raise ImageError(f"{file}: unrecognised or unsupported data at offset {start} ({head.hex()})")
+                raise ImageError(
+                    f"{file}: unrecognised or unsupported data at offset {start} ({head.hex()})"
+                )
             source: ByteSource = src
             if kind is not Compression.NONE:
                 source = ByteSource(DecompressingReader(src, kind))

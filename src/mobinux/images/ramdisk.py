@@ -39,7 +39,14 @@ from typing import BinaryIO
 
 from mobinux.errors import ImageError
 from mobinux.images.compress import CompressingWriter, parse_compression
-from mobinux.images.cpio import CpioHeader, CpioWriter, SupportsRead, SupportsWrite, decode_name
+from mobinux.images.cpio import (
+    CpioHeader,
+    CpioWriter,
+    SupportsRead,
+    SupportsWrite,
+    decode_name,
+    stream_checksum,
+)
 
 Progress = Callable[[int, int], None]
 
@@ -101,7 +108,9 @@ def sort_key(name: str) -> tuple[bytes, ...]:
 class _Counter:
     """A writable sink counting bytes and hashing them on the way to *inner*."""
 
-    def __init__(self, inner: SupportsWrite, on_data: Callable[[bytes], object] | None = None) -> None:
+    def __init__(
+        self, inner: SupportsWrite, on_data: Callable[[bytes], object] | None = None
+    ) -> None:
         self._inner = inner
         self._on_data = on_data
         self.count = 0
@@ -200,7 +209,9 @@ def write_members(
     return len(members)
 
 
-def _copy_file(writer: CpioWriter, header: CpioHeader, source: bytes, advance: Callable[[int], None]) -> None:
+def _copy_file(
+    writer: CpioWriter, header: CpioHeader, source: bytes, advance: Callable[[int], None]
+) -> None:
     shown = decode_name(source)
     try:
         fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -211,7 +222,8 @@ def _copy_file(writer: CpioWriter, header: CpioHeader, source: bytes, advance: C
         if not stat.S_ISREG(st.st_mode) or st.st_size != header.filesize:
             raise ImageError(f"{shown} changed while it was being packed")
         try:
-            writer.add(header, _ProgressReader(f, advance))
+            checksum = stream_checksum(f, header.filesize) if writer.crc else None
+            writer.add(header, _ProgressReader(f, advance), checksum=checksum)
         except OSError as exc:
             raise ImageError(f"cannot read {shown}: {exc.strerror}") from exc
         if f.read(1):
@@ -294,7 +306,9 @@ def parse_special_entries(lines: str | Iterable[str], *, base: Path | None = Non
         kind, args = words[0], words[1:]
         usage = _USAGE.get(kind)
         if usage is None:
-            raise ImageError(f"line {line_no}: unknown entry type {kind!r} (dir, nod, slink, pipe, sock, file)")
+            raise ImageError(
+                f"line {line_no}: unknown entry type {kind!r} (dir, nod, slink, pipe, sock, file)"
+            )
         if len(args) < usage.count("<"):
             raise ImageError(f"line {line_no}: usage: {kind} {usage}")
 
@@ -353,7 +367,9 @@ def parse_special_entries(lines: str | Iterable[str], *, base: Path | None = Non
             try:
                 st = location.stat()
             except OSError as exc:
-                raise ImageError(f"line {line_no}: cannot read {location}: {exc.strerror}") from None
+                raise ImageError(
+                    f"line {line_no}: cannot read {location}: {exc.strerror}"
+                ) from None
             if not stat.S_ISREG(st.st_mode):
                 raise ImageError(f"line {line_no}: {location} is not a regular file")
             source = os.fsencode(location)
@@ -415,7 +431,9 @@ def _scan_tree(root: Path, mtime: int) -> _Scan:
                 try:
                     target = os.readlink(child.path)
                 except OSError as exc:
-                    raise ImageError(f"cannot read link {decode_name(child.path)}: {exc.strerror}") from exc
+                    raise ImageError(
+                        f"cannot read link {decode_name(child.path)}: {exc.strerror}"
+                    ) from exc
                 scan.members[name] = Member(name, mode, mtime=mtime, size=len(target), data=target)
             elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
                 rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
@@ -423,7 +441,9 @@ def _scan_tree(root: Path, mtime: int) -> _Scan:
             elif stat.S_ISFIFO(mode):
                 scan.members[name] = Member(name, mode, mtime=mtime)
             else:
-                scan.warnings.append(f"skipped {name}: sockets are not packed (add a 'sock' line instead)")
+                scan.warnings.append(
+                    f"skipped {name}: sockets are not packed (add a 'sock' line instead)"
+                )
 
     try:
         root_mode = os.stat(root_b).st_mode
@@ -496,7 +516,9 @@ def plan_ramdisk(
         for m in parse_special_entries(extra, base=extra_base):
             old = members.get(m.name)
             if old is not None and stat.S_IFMT(old.mode) != stat.S_IFMT(m.mode):
-                warnings.append(f"special entry {m.name} replaces a different kind of file from the tree")
+                warnings.append(
+                    f"special entry {m.name} replaces a different kind of file from the tree"
+                )
             members[m.name] = replace(m, mtime=mtime)
     if add_console:
         dev = members.get("dev")
@@ -504,9 +526,13 @@ def plan_ramdisk(
             members["dev"] = Member("dev", stat.S_IFDIR | 0o755, mtime=mtime)
             dev = members["dev"]
         if not stat.S_ISDIR(dev.mode):
-            warnings.append("dev is not a directory: dev/console not added (init will have no console)")
+            warnings.append(
+                "dev is not a directory: dev/console not added (init will have no console)"
+            )
         elif "dev/console" not in members:
-            members["dev/console"] = Member("dev/console", stat.S_IFCHR | 0o600, mtime=mtime, rdev=(5, 1))
+            members["dev/console"] = Member(
+                "dev/console", stat.S_IFCHR | 0o600, mtime=mtime, rdev=(5, 1)
+            )
     for name in members:
         parent = name.rpartition("/")[0]
         if parent and parent not in members:

@@ -73,16 +73,20 @@ _IN_PROGRESS = Outcome.IN_PROGRESS
 class FileSource:
     """A :class:`~mobinux.tftp.session.BlockSource` over an open file.
 
-    Reads go straight into the session's window buffer with ``os.preadv``.
-    They run on the event loop, which is right for boot files: they sit in the
-    page cache (served over and over, and the kernel's read-ahead, which
-    ``POSIX_FADV_SEQUENTIAL`` doubles, keeps the next blocks of a sequential
+    Reads go straight into the session's run buffer with ``os.preadv``, one
+    call per run of blocks (about 32 KiB). They run on the event loop, which
+    is right for boot files: they sit in the page cache (served over and
+    over, and the kernel's read-ahead keeps the next blocks of a sequential
     read coming), and a page-cache ``preadv`` is a memcpy of a few
-    microseconds, cheaper than any hop to a thread. To keep a cold file from
-    stalling every other transfer, reads use ``RWF_NOWAIT``: if the bytes are
-    not cached the kernel refuses instead of blocking, :meth:`readinto` raises
-    :class:`BlockingIOError`, and the adapter calls :meth:`warm` in a worker
-    thread (shared executor, not one per transfer) before retrying.
+    microseconds, far cheaper than a hop to a thread and back per block.
+
+    To keep a cold file from stalling every other transfer, reads use
+    ``RWF_NOWAIT``: if the bytes are not cached the kernel refuses instead of
+    blocking, :meth:`readinto` raises :class:`BlockingIOError`, and the
+    adapter runs :meth:`warm` in the loop's shared executor (a few threads
+    for the whole server, not one per transfer) before retrying. (No
+    ``POSIX_FADV_SEQUENTIAL``: with it, RWF_NOWAIT reads of fully cached
+    files came back short now and then.)
     """
 
     __slots__ = ("_fd", "_nowait", "miss_offset", "size")
@@ -101,8 +105,6 @@ class FileSource:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise FileNotFoundError(errno.ENOENT, "not a regular file", str(path))
-            with contextlib.suppress(OSError):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         except BaseException:
             os.close(fd)
             raise
@@ -110,8 +112,15 @@ class FileSource:
 
     def readinto(self, views: Sequence[memoryview], offset: int) -> int:
         if self._nowait:
+            # (views are equal-length blocks, see BlockSource.readinto).
+            want = min(len(views) * len(views[0]), self.size - offset)
             try:
                 n = os.preadv(self._fd, views, offset, self._nowait)
+                if n < want:
+                    # Short before EOF: the kernel stops at a page whose
+                    # read-ahead it just started; asking again usually gets
+                    # everything (measured: all of a cached file, one retry).
+                    n = os.preadv(self._fd, views, offset, self._nowait)
             except BlockingIOError:
                 self.miss_offset = offset
                 raise
@@ -120,9 +129,7 @@ class FileSource:
                     raise
                 self._nowait = 0  # this file system has no RWF_NOWAIT
             else:
-                # A short read before EOF means only part was cached.
-                # (views are equal-length blocks, see BlockSource.readinto).
-                if offset + n < self.size and n < len(views) * len(views[0]):
+                if n < want:
                     self.miss_offset = offset + n
                     raise BlockingIOError(errno.EAGAIN, "not in page cache")
                 return n
@@ -263,8 +270,9 @@ class _Transfer:
                 self._end("client port unreachable")
                 return
             except OSError as exc:
-                self._end(f"send failed: {exc.strerror or exc}")
-                return
+                if exc.errno != errno.ENOBUFS:  # ENOBUFS: a full queue, a loss like any other
+                    self._end(f"send failed: {exc.strerror or exc}")
+                    return
         if session.outcome is not _IN_PROGRESS:
             self._end(None)
             return
@@ -288,9 +296,9 @@ class _Transfer:
             part = view[start : start + chunk]
             try:
                 sendmsg([part], anc)  # type: ignore[arg-type]
-            except (BlockingIOError, InterruptedError, ConnectionRefusedError):
-                raise
-            except OSError:
+            except OSError as exc:
+                if exc.errno not in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT):
+                    raise  # EAGAIN, ENOBUFS, ECONNREFUSED...: not about GSO
                 # EIO/EINVAL: no GSO on this route (no checksum offload, old
                 # kernel). Stop trying for this service; send block by block.
                 self._service._gso = False

@@ -56,8 +56,9 @@ from mobinux.tftp.packet import (
 
 DEFAULT_TIMEOUT = 1.0  # seconds between retransmissions when the client sets none
 DEFAULT_RETRIES = 5  # retransmissions of one window before giving up
+READAHEAD_BYTES = 32 * 1024  # file bytes read per readinto (a run of whole windows)
+RUN_MAX_BLOCKS = 256  # blocks per run: one iovec each, well under IOV_MAX (1024)
 
-_OP_ACK = int(Opcode.ACK)
 _OP_ERROR = int(Opcode.ERROR)
 _OP_DATA_HI = int(Opcode.DATA) >> 8
 _OP_DATA_LO = int(Opcode.DATA) & 0xFF
@@ -235,6 +236,10 @@ class ReadSession:
     blocks, 1 = first DATA) and put on the wire modulo 65536, so a transfer
     longer than 65535 blocks rolls over to block 0 and carries on (the
     de-facto behaviour of every current client; RFC 1350 sets no limit).
+
+    File bytes are read ahead in *runs* of several windows (one ``readinto``
+    per run, about :data:`READAHEAD_BYTES`), laid out as ready-to-send DATA
+    datagrams; a window is then a slice of the run.
     """
 
     def __init__(
@@ -275,23 +280,24 @@ class ReadSession:
         self._sent = 0  # highest absolute block handed out in a burst
         self._retries = 0
         self._deadline = now + self.timeout
-        self._want_first = 0  # first absolute block of the window to build; 0 = none
+        self._want_first = 0  # first absolute block of the next burst; 0 = none
         self._want_packet: bytes | None = None  # an OACK or ERROR to send
-        # What the window buffer holds, when it was built ahead (prepare_next).
-        self._ready_first = 0
-        self._ready_count = 0
-        self._ready_len = 0
 
-        # One buffer holding a whole window as consecutive DATA datagrams.
-        # The opcode bytes never change; block numbers are patched per send.
-        self._buf = buf = bytearray(stride * w)
-        mv = memoryview(buf)
-        self._mv = mv
-        for i in range(w):
+        # The run buffer: blocks [_run_first, _run_first + _run_count) as
+        # consecutive DATA datagrams of *stride* bytes (the file's last block
+        # may be shorter); _run_len bytes are valid. The opcode bytes never
+        # change; block numbers are written when the run is read.
+        windows = max(1, min(READAHEAD_BYTES // (w * bs), RUN_MAX_BLOCKS // w))
+        self._run_max = run = max(1, min(w * windows, self.last_block))
+        self._run_first = 0
+        self._run_count = 0
+        self._run_len = 0
+        self._buf = buf = bytearray(stride * run)
+        self._mv = mv = memoryview(buf)
+        for i in range(run):
             buf[i * stride] = _OP_DATA_HI
             buf[i * stride + 1] = _OP_DATA_LO
-        payloads = [mv[i * stride + DATA_HEADER_LEN : (i + 1) * stride] for i in range(w)]
-        self._payload_lists = [payloads[:k] for k in range(w + 1)]
+        self._payloads = [mv[i * stride + DATA_HEADER_LEN : (i + 1) * stride] for i in range(run)]
 
         if neg.oack:
             self._state = _OACK_SENT
@@ -330,9 +336,8 @@ class ReadSession:
         else that does not belong here (DATA, requests, OACK) is ignored.
         """
         # Fast path: ACK (RFC 1350 §5, opcode 4), parsed without allocation.
-        if len(data) >= 4 and data[1] == _OP_ACK and data[0] == 0:
-            state = self._state
-            if state is _SENDING:
+        if len(data) >= 4 and data[1] == 4 and data[0] == 0:
+            if self._state is _SENDING:
                 acked = self._acked
                 delta = ((data[2] << 8 | data[3]) - acked) & 0xFFFF
                 # delta == 0: a duplicate ACK. It must not trigger a resend
@@ -353,9 +358,8 @@ class ReadSession:
                 # block before the last one sent: either way the next window
                 # starts right after the acknowledged block.
                 self._want_first = acked + 1
-                return
             # RFC 2347: the client acknowledges the OACK with ACK 0.
-            if state is _OACK_SENT and data[2] == 0 and data[3] == 0:
+            elif self._state is _OACK_SENT and data[2] == 0 and data[3] == 0:
                 self._state = _SENDING
                 self._retries = 0
                 self._deadline = now + self.timeout
@@ -431,47 +435,58 @@ class ReadSession:
         first = self._want_first
         if not first:
             return None
-        if first != self._ready_first and not self._build(first):
-            return self.take_burst()  # the read failed: an ERROR is now due
+        count = self.last_block - first + 1
+        if count > self.windowsize:
+            count = self.windowsize
+        run_first = self._run_first
+        if not run_first or first < run_first or first + count > run_first + self._run_count:
+            if not self._read_run(first):
+                return self.take_burst()  # the read failed: an ERROR is now due
+            run_first = first
         self._want_first = 0
-        self._ready_first = 0  # handed out: the buffer may be rebuilt from now on
-        self._sent = first + self._ready_count - 1
-        return self._mv[: self._ready_len], self.stride
+        self._sent = first + count - 1
+        stride = self.stride
+        start = (first - run_first) * stride
+        end = start + count * stride
+        if end > self._run_len:
+            end = self._run_len
+        return self._mv[start:end], stride
 
     def prepare_next(self) -> None:
-        """Optionally build the next window now, while the client is busy.
+        """Optionally read the next run now, while the client is busy.
 
         Called by the adapter after it has sent a burst, so that the ACK which
         completes the current window is answered without a disk read on the
         critical path. Purely an optimisation: if the client acknowledges less
-        than everything (RFC 7440 §4) or a timer fires, the window is rebuilt.
+        than everything (RFC 7440 §4) or a timer fires, the run is re-read.
         May raise :class:`BlockingIOError` like :meth:`take_burst`.
         """
         first = self._sent + 1
-        if (
-            first == self._ready_first
-            or first > self.last_block
-            or self._want_first
-            or self._state is not _SENDING
-        ):
+        if self._want_first or self._state is not _SENDING or first > self.last_block:
             return
+        count = self.last_block - first + 1
+        if count > self.windowsize:
+            count = self.windowsize
+        run_first = self._run_first
+        if run_first and run_first <= first and first + count <= run_first + self._run_count:
+            return  # already in the buffer
         try:
-            self._build(first, speculative=True)
+            self._read_run(first, speculative=True)
         except OSError as exc:
             if isinstance(exc, BlockingIOError):
                 raise
             # Speculative: the real read in take_burst reports the failure.
 
-    def _build(self, first: int, speculative: bool = False) -> bool:
-        """Fill the window buffer with blocks *first*...; False if the read failed."""
-        self._ready_first = 0
+    def _read_run(self, first: int, speculative: bool = False) -> bool:
+        """Read blocks *first*... into the run buffer; False if the read failed."""
+        self._run_first = 0
         bs = self.blksize
         count = self.last_block - first + 1
-        if count > self.windowsize:
-            count = self.windowsize
+        if count > self._run_max:
+            count = self._run_max
         offset = (first - 1) * bs
         try:
-            got = self._source.readinto(self._payload_lists[count], offset)
+            got = self._source.readinto(self._payloads[:count], offset)
         except BlockingIOError:
             raise  # not ready yet: the request stays pending
         except OSError as exc:
@@ -494,9 +509,9 @@ class ReadSession:
             buf[pos] = (block >> 8) & 0xFF
             buf[pos + 1] = block & 0xFF
             pos += stride
-        self._ready_first = first
-        self._ready_count = count
-        self._ready_len = count * DATA_HEADER_LEN + got
+        self._run_first = first
+        self._run_count = count
+        self._run_len = count * DATA_HEADER_LEN + got
         return True
 
     def datagrams_to_send(self, now: float) -> list[bytes]:
