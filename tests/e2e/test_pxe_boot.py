@@ -177,3 +177,13 @@ def test_proxy_dhcp_next_to_plain_dnsmasq(lab: Lab, dhcp_router: str, firmware: 
     leased = Path(lab.work / "dnsmasq.leases").read_text()
     assert MAC in leased
     assert "dhcp-ack" not in server.log()  # a proxy never acknowledges an address
+
+
+def test_unknown_machine_enrolled_by_policy(lab: Lab) -> None:
+    lab.mobinux("policy", "unknown", "enroll", "tiny")
+    lab.serve("--dhcp", "full", "--dhcp-range", lab.ns.address(100) + "-" + lab.ns.address(150))
+    with run_vm(lab.ns, lab.ns.taps[0], MAC, "bios", BOOT_TIMEOUT, workdir=lab.work) as vm:
+        console = vm.wait_for(lab.marker)
+    assert "host=node-525400000001" in console
+    node = json.loads(lab.mobinux("node", "show", "node-525400000001", "--json"))
+    assert node["mac"] == MAC and node["image"] == "tiny"

@@ -75,3 +75,46 @@ def test_ramdisk_special_entries(cli: CliRunner, tmp_path: Path, data_dir: Path)
     r = cli("image", "ramdisk", str(tree), "--kernel", str(kernel), "--name", "t",
             "--special", str(tmp_path / "missing.txt"))
     assert r.code == 1 and "cannot read --special" in r.err
+
+
+def test_initrd_unpack_edit_repack(cli: CliRunner, tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if shutil.which("cpio") is None or shutil.which("xz") is None:
+        pytest.skip("needs cpio and xz")
+    early = tmp_path / "early"
+    (early / "kernel" / "x86" / "microcode").mkdir(parents=True)
+    (early / "kernel" / "x86" / "microcode" / "GenuineIntel.bin").write_bytes(b"UCODE" * 10)
+    main_tree = _tree(tmp_path / "main")
+
+    def cpio(tree: Path) -> bytes:
+        names = subprocess.run("find . | LC_ALL=C sort", shell=True, cwd=tree, capture_output=True,
+                               check=True).stdout
+        return subprocess.run(["cpio", "--quiet", "-o", "-H", "newc"], input=names, cwd=tree,
+                              capture_output=True, check=True).stdout
+
+    initrd = tmp_path / "initrd.img"
+    main_xz = subprocess.run(["xz", "--check=crc32", "-c"], input=cpio(main_tree), capture_output=True,
+                             check=True).stdout
+    initrd.write_bytes(cpio(early) + main_xz)
+    out = tmp_path / "unpacked"
+    r = cli("image", "initrd", "unpack", str(initrd), str(out))
+    assert r.code == 0, r.err
+    assert "2 segment(s)" in r.out
+    segs = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert len(segs) == 2
+    assert (out / segs[0] / "kernel/x86/microcode/GenuineIntel.bin").read_bytes() == b"UCODE" * 10
+    (out / segs[1] / "added-by-admin").write_bytes(b"iscsi step")
+    repacked = tmp_path / "new.img"
+    assert cli("image", "initrd", "repack", str(out), str(repacked)).code == 0
+    again = tmp_path / "again"
+    assert cli("image", "initrd", "unpack", str(repacked), str(again)).code == 0
+    assert (again / segs[1] / "added-by-admin").read_bytes() == b"iscsi step"
+    assert (again / segs[1] / "init").read_bytes() == (main_tree / "init").read_bytes()
+    # the early segment stays uncompressed, first: the kernel's microcode loader needs that
+    assert repacked.read_bytes().startswith(b"070701")
+    r = cli("image", "initrd", "unpack", str(tmp_path / "missing.img"), str(tmp_path / "x"))
+    assert r.code == 1 and len(r.err.strip().splitlines()) == 1
