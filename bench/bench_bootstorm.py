@@ -9,6 +9,10 @@ no failures, peak RSS under 200 MB = 200 * 10**6 bytes).
 
     python bench/bench_bootstorm.py [--clients 100] [--servers mobinux,atftpd,tftpd-hpa,dnsmasq]
         [--kernel-mib 16 --initrd-mib 32] [--blksize 1468] [--tftp-path lo|veth]
+        [--rounds 1] [--timeout 600] [--profile-mobinux FILE]
+
+Exit status 0 when mobinux meets the targets, 1 when it does not, 2 on a
+usage problem, 130 when interrupted.
 
 Quick smoke run: ``--clients 10 --kernel-mib 2 --initrd-mib 4``.
 
@@ -67,8 +71,14 @@ How the load is made, and the choices behind it
   pages counted once per process, as VmRSS does).
 
 The machine has 2 cores that the clients (100 atftp processes) and the
-server share, and anything else running on it skews the figures: the load
-average before and after each phase is printed with the table.
+server share, and anything else running on it skews the figures (runs of the
+same server have differed by 1.5x on a busy machine). So each phase also
+prints the load average before and after, and where the CPU went: the
+server's (summed per process from /proc, sampled), the load generator's (this
+script and its reaped children), everything else's (the machine's busy time
+in /proc/stat less those two) and idle. ``--rounds N`` runs every server N
+times, interleaved, and keeps the best time. ``--profile-mobinux FILE``
+records mobinux's TFTP phase with py-spy (raw collapsed stacks).
 """
 
 from __future__ import annotations
@@ -76,9 +86,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
+import resource
 import secrets
 import select
 import shutil
@@ -522,15 +534,74 @@ class Phase:
     errors: Counter[str] = field(default_factory=Counter)
     extra: str = ""
     load: str = ""
+    cpu_note: str = ""
     problem: str = ""  # the server could not be measured at all
+    rounds: list[float | None] = field(default_factory=list)  # seconds of every round
 
 
 @dataclass
 class Row:
     name: str
-    dhcp: Phase | None = None
-    tftp: Phase | None = None
+    dhcp_rounds: list[Phase] = field(default_factory=list)
+    tftp_rounds: list[Phase] = field(default_factory=list)
     skipped: str = ""
+
+    @property
+    def dhcp(self) -> Phase | None:
+        return combine(self.dhcp_rounds)
+
+    @property
+    def tftp(self) -> Phase | None:
+        return combine(self.tftp_rounds)
+
+
+def combine(phases: list[Phase]) -> Phase | None:
+    """The best round's figures, with failures summed and memory maxed over all rounds."""
+    if not phases:
+        return None
+    good = [p for p in phases if not p.problem and p.seconds is not None]
+    best = min(good, key=lambda p: p.seconds or 0.0) if good else phases[-1]
+    out = dataclasses.replace(best)
+    out.failed = sum(p.failed for p in phases)
+    out.peak_rss = max(p.peak_rss for p in phases)
+    out.peak_procs = max(p.peak_procs for p in phases)
+    out.errors = sum((p.errors for p in phases), Counter())
+    out.problem = "; ".join(p.problem for p in phases if p.problem)
+    out.rounds = [None if p.problem else p.seconds for p in phases]
+    return out
+
+
+class CpuMeter:
+    """Where the machine's CPU went during a phase: server, load generator, everything else."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.busy0 = self._busy()
+        self.own0 = self._own()
+
+    @staticmethod
+    def _busy() -> float:
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
+        except (OSError, ValueError):
+            return 0.0
+        user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own() -> float:
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # reaped clients (atftp, nsenter)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+    def note(self, server_cpu: float) -> str:
+        wall = time.perf_counter() - self.t0
+        busy = self._busy() - self.busy0
+        own = self._own() - self.own0
+        other = max(0.0, busy - own - server_cpu)
+        cores = os.cpu_count() or 1
+        return (f"CPU over {wall:.1f} s x {cores} cores: server {server_cpu:.1f} s, load generator "
+                f"{own:.1f} s, other processes ~{other:.1f} s, idle {max(0.0, cores * wall - busy):.1f} s")
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -584,11 +655,39 @@ async def _tftp_storm(ns: str, host: str, files: list[str], blksize: int, client
     return time.perf_counter() - start, done, errors
 
 
-def run_tftp_phase(server: Server, args: argparse.Namespace) -> Phase:
+def start_profiler(pid: int, out: str) -> subprocess.Popen[bytes] | None:
+    spy = os.environ.get("PY_SPY") or shutil.which("py-spy")
+    if spy is None:
+        print("  --profile-mobinux: py-spy not found (PATH or $PY_SPY): not profiling", flush=True)
+        return None
+    proc = subprocess.Popen([spy, "record", "--pid", str(pid), "--format", "raw", "--idle",
+                             "--nonblocking", "--output", out], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    _live_pids.add(proc.pid)
+    return proc
+
+
+def stop_profiler(proc: subprocess.Popen[bytes] | None, out: str) -> None:
+    if proc is None:
+        return
+    proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+    _live_pids.discard(proc.pid)
+    print(f"  py-spy stacks (raw, idle included) written to {out}", flush=True)
+
+
+def run_tftp_phase(server: Server, args: argparse.Namespace, profile: str | None) -> Phase:
     phase = Phase(load=loadavg())
     sampler = RssSampler(server.pid)
     sampler.sample()  # before the load: the idle figure, and every process's CPU baseline
     phase.idle_rss = sampler.peak
+    spy = start_profiler(server.pid, profile) if profile else None
+    meter = CpuMeter()
     sampler.start()
     try:
         seconds, done, errors = asyncio.run(_tftp_storm(
@@ -596,7 +695,10 @@ def run_tftp_phase(server: Server, args: argparse.Namespace) -> Phase:
             args.clients, args.timeout))
     finally:
         sampler.stop()
+        if profile:
+            stop_profiler(spy, profile)
     phase.cpu = sampler.cpu
+    phase.cpu_note = meter.note(phase.cpu)
     phase.seconds = seconds
     phase.ok = len(done)
     phase.failed = args.clients - len(done)
@@ -620,6 +722,7 @@ def run_dhcp_phase(server: Server, ns: Netns, args: argparse.Namespace) -> Phase
     argv = in_netns(ns.client, [sys.executable, str(Path(__file__).resolve()), "_dhcp-client",
                                 "--server", SERVER_IP, "--relay", RELAY_IP,
                                 "--clients", str(args.clients), "--timeout", str(DHCP_TIMEOUT)])
+    meter = CpuMeter()
     sampler.start()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -633,6 +736,7 @@ def run_dhcp_phase(server: Server, ns: Netns, args: argparse.Namespace) -> Phase
         _live_pids.discard(proc.pid)
         sampler.stop()
     phase.cpu = sampler.cpu
+    phase.cpu_note = meter.note(phase.cpu)
     phase.peak_rss, phase.peak_procs = sampler.peak, sampler.peak_procs
     phase.load += f" -> {loadavg()}"
     try:
@@ -652,8 +756,8 @@ def run_dhcp_phase(server: Server, ns: Netns, args: argparse.Namespace) -> Phase
 
 
 def measure(name: str, phase_name: str, env: Env, ns: Netns, args: argparse.Namespace,
-            digests: dict[str, str]) -> Phase:
-    work = env.work / f"{name}-{phase_name}"
+            digests: dict[str, str], round_no: int) -> Phase:
+    work = env.work / f"{name}-{phase_name}-{round_no}"
     work.mkdir()
     how = launch(name, phase_name, env, ns, work)
     server = Server(name, how, ns.server, work / "server.log")
@@ -666,7 +770,12 @@ def measure(name: str, phase_name: str, env: Env, ns: Netns, args: argparse.Name
         if phase_name == "dhcp":
             result = run_dhcp_phase(server, ns, args)
         else:
-            result = run_tftp_phase(server, args)
+            profile: str | None = None
+            if name == "mobinux" and args.profile_mobinux:
+                profile = args.profile_mobinux
+                if args.rounds > 1:
+                    profile += f".round{round_no}"
+            result = run_tftp_phase(server, args, profile)
         if result.failed or result.problem:
             log = tail(server.log, 6)
             if log:
@@ -678,21 +787,22 @@ def measure(name: str, phase_name: str, env: Env, ns: Netns, args: argparse.Name
             print(f"  note: mobinux exited with status {status} on SIGTERM", flush=True)
 
 
-def run_server(name: str, env: Env, args: argparse.Namespace, digests: dict[str, str]) -> Row:
-    row = Row(name)
+def run_server(row: Row, env: Env, args: argparse.Namespace, digests: dict[str, str],
+               round_no: int) -> None:
+    name = row.name
+    tag = f"[{name}]" if args.rounds == 1 else f"[{name}, round {round_no}/{args.rounds}]"
     ns = make_netns()
     try:
         if name in DHCP_SERVERS:
-            print(f"[{name}] DHCP phase: {args.clients} clients ...", flush=True)
-            row.dhcp = measure(name, "dhcp", env, ns, args, digests)
-            _print_phase(row.dhcp)
-        print(f"[{name}] TFTP phase: {args.clients} clients x ({KERNEL} {args.kernel_mib} MiB + "
+            print(f"{tag} DHCP phase: {args.clients} clients ...", flush=True)
+            row.dhcp_rounds.append(measure(name, "dhcp", env, ns, args, digests, round_no))
+            _print_phase(row.dhcp_rounds[-1])
+        print(f"{tag} TFTP phase: {args.clients} clients x ({KERNEL} {args.kernel_mib} MiB + "
               f"{INITRD} {args.initrd_mib} MiB) over {env.path} ...", flush=True)
-        row.tftp = measure(name, "tftp", env, ns, args, digests)
-        _print_phase(row.tftp)
+        row.tftp_rounds.append(measure(name, "tftp", env, ns, args, digests, round_no))
+        _print_phase(row.tftp_rounds[-1])
     finally:
         drop_netns(ns)
-    return row
 
 
 def _print_phase(p: Phase) -> None:
@@ -701,6 +811,8 @@ def _print_phase(p: Phase) -> None:
     if p.seconds is not None:
         print(f"  {p.seconds:.2f} s, {p.ok} ok, {p.failed} failed, peak RSS {p.peak_rss / 1e6:.1f} MB "
               f"({p.peak_procs} procs), server CPU {p.cpu:.1f} s, load {p.load}", flush=True)
+    if p.cpu_note:
+        print(f"  {p.cpu_note}", flush=True)
     for msg, n in p.errors.most_common(5):
         print(f"  error x{n}: {msg}", flush=True)
 
@@ -752,14 +864,20 @@ def report(rows: list[Row], args: argparse.Namespace) -> int:
         elif d.problem or d.seconds is None:
             cols += f" | {'FAILED':>7} {d.failed:>5} {'-':>11}"
         else:
-            cols += f" | {d.seconds:>7.2f} {d.failed:>5} {d.peak_rss / 1e6:>11.1f}"
+            cols += f" | {d.seconds:>7.3f} {d.failed:>5} {d.peak_rss / 1e6:>11.1f}"
         print(cols)
     print()
     for r in rows:
         for label, p in (("DHCP", r.dhcp), ("TFTP", r.tftp)):
             if p is None:
                 continue
-            notes = [f"load {p.load}", f"idle RSS {p.idle_rss / 1e6:.1f} MB"]
+            notes = []
+            if len(p.rounds) > 1:
+                notes.append("rounds " + ", ".join(_fmt(x, ".2f") for x in p.rounds)
+                             + " s (the best counts)")
+            notes += [f"load {p.load}", f"idle RSS {p.idle_rss / 1e6:.1f} MB"]
+            if p.cpu_note:
+                notes.append(p.cpu_note)
             if p.extra:
                 notes.append(p.extra)
             if p.problem:
@@ -998,6 +1116,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "figures) or across the veth pair")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="deadline of one TFTP storm in seconds (default 600)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every server this many times, interleaved; the best time counts, "
+                        "failures add up, memory is the peak over all rounds (default 1)")
+    p.add_argument("--profile-mobinux", metavar="FILE",
+                   help="record mobinux's TFTP phase with py-spy (PATH or $PY_SPY) into FILE "
+                        "(raw collapsed stacks, idle included); slows mobinux a little")
     p.add_argument("--tftpd-hpa", help="path of tftpd-hpa's in.tftpd (default: unpacked into "
                                        f"{PEERS_CACHE})")
     p.add_argument("--mobinux-python", default=str(REPO / ".venv" / "bin" / "python"),
@@ -1009,6 +1133,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--blksize must be 8..65464")
     if a.kernel_mib < 1 or a.initrd_mib < 1 or a.kernel_mib + a.initrd_mib > 1024:
         p.error("--kernel-mib/--initrd-mib: 1 MiB or more each, 1 GiB at most together")
+    if not 1 <= a.rounds <= 10:
+        p.error("--rounds must be 1..10")
     if not 1 <= a.timeout <= 3600:
         p.error("--timeout must be 1..3600 s")
     names = [s.strip() for s in a.servers.split(",") if s.strip()]
@@ -1064,12 +1190,14 @@ def main(argv: list[str]) -> int:
         if "mobinux" in args.server_list and not Path(args.mobinux_python).exists():
             missing["mobinux"] = f"{args.mobinux_python} does not exist"
 
-        for name in args.server_list:
-            if name in missing:
-                print(f"[{name}] SKIPPED: {missing[name]}", flush=True)
-                rows.append(Row(name, skipped=missing[name]))
-                continue
-            rows.append(run_server(name, env, args, digests))
+        rows = [Row(name, skipped=missing.get(name, "")) for name in args.server_list]
+        for row in rows:
+            if row.skipped:
+                print(f"[{row.name}] SKIPPED: {row.skipped}", flush=True)
+        for round_no in range(1, args.rounds + 1):  # interleaved: every server once per round
+            for row in rows:
+                if not row.skipped:
+                    run_server(row, env, args, digests, round_no)
     except KeyboardInterrupt as exc:
         print(f"\ninterrupted ({exc or 'Ctrl-C'}): cleaning up", file=sys.stderr)
         return 130

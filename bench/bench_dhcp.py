@@ -184,6 +184,7 @@ def main() -> None:
     ap.add_argument(
         "--stop-after", type=int, default=2, help="failed rates in a row before giving up"
     )
+    ap.add_argument("--repeat", type=int, default=2, help="tries per rate (machine noise)")
     ns = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root (network namespaces)")

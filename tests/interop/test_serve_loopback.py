@@ -35,12 +35,16 @@ def server(tmp_path: Path) -> Server:
         yield srv  # type: ignore[misc]
 
 
-def tftp_rrq(port: int, name: bytes, timeout: float = 3.0) -> tuple[int, bytes]:
-    """Send one RRQ with exactly *name*; return (opcode, payload of the first reply)."""
+def tftp_rrq(port: int, name: bytes, timeout: float = 3.0) -> tuple[int | None, bytes]:
+    """Send one RRQ with exactly *name*; return (opcode, payload) of the first reply,
+    (None, b"") when the server stays silent (a malformed request is dropped)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(timeout)
         s.sendto(b"\x00\x01" + name + b"\x00octet\x00", ("127.0.0.1", port))
-        data, _ = s.recvfrom(65536)
+        try:
+            data, _ = s.recvfrom(65536)
+        except TimeoutError:
+            return None, b""
         return struct.unpack("!H", data[:2])[0], data[2:]
 
 
@@ -52,7 +56,11 @@ def tftp_rrq(port: int, name: bytes, timeout: float = 3.0) -> tuple[int, bytes]:
 )
 def test_tftp_path_escapes_refused(server: Server, name: bytes) -> None:
     opcode, payload = tftp_rrq(server.tftp_port, name)
-    assert opcode == 5, f"expected ERROR for {name!r}, got opcode {opcode}"
+    if b"\x00" in name:
+        # the NUL ends the file name early and leaves an odd option list: malformed, dropped
+        assert opcode in (5, None), f"expected ERROR or silence for {name!r}, got opcode {opcode}"
+    else:
+        assert opcode == 5, f"expected ERROR for {name!r}, got opcode {opcode}"
     assert SECRET not in payload and b"root:" not in payload
 
 

@@ -218,3 +218,49 @@ def test_port_in_use_is_a_local_error(tmp_path: Path) -> None:
         await svc.close()
 
     run(main)
+
+
+def test_failed_commit_withholds_the_ack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mobinux.dhcp.leases import Lease
+    from mobinux.errors import LocalError
+
+    async def main() -> None:
+        async with service(tmp_path, "full") as svc:
+            store = svc._store
+            assert store is not None
+            real = store.commit
+            calls: list[int] = []
+
+            def flaky(rows: Any) -> None:
+                rows = list(rows)
+                calls.append(len(rows))
+                if len(calls) == 1:
+                    raise LocalError("disk full")
+                real(rows)
+
+            monkeypatch.setattr(store, "commit", flaky)
+            port = svc.server_port
+            relay = udp(("127.0.0.2", port))
+            with relay:
+                disc = DhcpPacket(xid=1, giaddr=A("127.0.0.2"), chaddr=MAC, options={53: b"\x01"})
+                relay.sendto(disc.encode(), ("127.0.0.1", port))
+                ip = parse((await recv(relay))[0]).yiaddr
+                req = DhcpPacket(
+                    xid=2,
+                    giaddr=A("127.0.0.2"),
+                    chaddr=MAC,
+                    options={53: b"\x03", 54: A("127.0.0.1").packed, 50: ip.packed},
+                )
+                relay.sendto(req.encode(), ("127.0.0.1", port))
+                relay.settimeout(0.5)
+                with pytest.raises(TimeoutError):
+                    await recv(relay)  # not durable -> no ACK
+                relay.settimeout(3)
+                relay.sendto(req.encode(), ("127.0.0.1", port))  # the client retries
+                ack = parse((await recv(relay))[0])
+                assert ack.message_type == 5 and ack.yiaddr == ip
+            assert calls == [1, 1]
+            leases: list[Lease] = read_leases(tmp_path / "leases.db")
+            assert [x.ip for x in leases] == [ip]
+
+    run(main)

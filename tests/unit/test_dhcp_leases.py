@@ -133,13 +133,15 @@ def test_store_errors_are_local_errors(tmp_path: Path) -> None:
 _WRITER = textwrap.dedent(
     """
     import sys
+    import time
     from ipaddress import IPv4Address
     from pathlib import Path
     from mobinux.dhcp.leases import Lease, LeaseState, LeaseStore
 
     store = LeaseStore(Path(sys.argv[1]))
     i = 0
-    while True:
+    end = time.monotonic() + 30  # bounded even if nobody kills us
+    while time.monotonic() < end and i < 50000:
         batch = []
         for _ in range(7):
             ip = IPv4Address(0x0A000000 + (i % 60000) + 1)

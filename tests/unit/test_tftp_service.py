@@ -246,15 +246,30 @@ async def test_malformed_packets_are_dropped_and_logged_rate_limited(
 
 
 @run_async
-async def test_new_request_from_same_tid_supersedes(root: Path) -> None:
+async def test_repeated_request_gets_its_own_transfer(root: Path) -> None:
+    # RFC 1350 §4: each request gets a new TID. The client goes on with the
+    # first and refuses the other with ERROR 5; both transfers end cleanly.
     async with serving(root) as (svc, _):
         c = Client()
-        c.send(ReadRequest("a.bin", "octet"), ("127.0.0.1", svc.port))
-        _pkt, _tid1 = await c.recv()
-        assert await c.download(svc.port, "sub/b.bin") == b"b" * 1024
-        c.close()
+        rrq = ReadRequest("sub/b.bin", "octet", (("blksize", "1024"),))
+        c.send(rrq, ("127.0.0.1", svc.port))
+        first, tid1 = await c.recv()
+        c.send(rrq, ("127.0.0.1", svc.port))
+        second, tid2 = await c.recv()
+        assert first == second == OptionAck((("blksize", "1024"),))
+        assert tid1 != tid2
+        assert svc.active_transfers == 2
+        c.send(Error(ErrorCode.UNKNOWN_TID, "unknown transfer ID"), tid2)
+        c.send(Ack(0), tid1)
+        pkt, tid = await c.recv()
+        assert pkt == Data(1, b"b" * 1024) and tid == tid1
+        c.send(Ack(1), tid1)
+        pkt, tid = await c.recv()
+        assert pkt == Data(2, b"") and tid == tid1
+        c.send(Ack(2), tid1)
         await asyncio.sleep(0.05)
         assert svc.active_transfers == 0
+        c.close()
 
 
 @run_async

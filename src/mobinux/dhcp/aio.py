@@ -65,7 +65,8 @@ class _RateLimitedLog:
 
 
 class _CommitThread(threading.Thread):
-    """Group commit: persist every pending batch in one transaction, then send its replies."""
+    """Group commit: persist every pending batch in one transaction, then have its
+    replies sent (by the event loop thread)."""
 
     def __init__(self, store: LeaseStore, service: DhcpService) -> None:
         super().__init__(name="mobinux-dhcp-commit", daemon=True)
@@ -74,6 +75,7 @@ class _CommitThread(threading.Thread):
         self._cond = threading.Condition()
         self._pending: list[tuple[list[Lease], list[Reply], socket.socket]] = []
         self._stopping = False
+        self._retry: dict[int, Lease] = {}  # rows of a failed commit, written next time
         self.outstanding = 0  # batches submitted and not yet sent (read from the loop)
 
     def submit(self, leases: list[Lease], replies: list[Reply], sock: socket.socket) -> None:
@@ -96,16 +98,19 @@ class _CommitThread(threading.Thread):
                     return
                 work = self._pending
                 self._pending = []
-            merged: dict[int, Lease] = {}
+            merged = self._retry
             for leases, _, _ in work:
                 for lease in leases:
                     merged[int(lease.ip)] = lease  # a later change of one address wins
             ok = True
             try:
                 self._store.commit(merged.values())
+                self._retry = {}
             except LocalError as e:
-                # Not durable, so not acknowledged: the clients will retry.
+                # Not durable, so not acknowledged (the clients retry); the rows
+                # are kept and written with the next group.
                 ok = False
+                self._retry = merged
                 self._service._trouble.note(
                     "commit", f"DHCP lease commit failed: {e}", logging.ERROR
                 )
@@ -275,7 +280,7 @@ class DhcpService:
                 replies.extend(out)
         self.stats["received"] += count
         dirty = leases.take_dirty()
-        if dirty or committer.outstanding:
+        if dirty or (replies and committer.outstanding):
             committer.submit(dirty, replies, sock)
         elif replies:
             self._send(sock, replies)

@@ -418,7 +418,7 @@ class TftpService:
         self.max_transfers = max_transfers
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._transfers: dict[tuple[str, int], _Transfer] = {}
+        self._transfers: set[_Transfer] = set()
         self._gso = True
         self._rbuf = bytearray(_RECV_BUF)
         self._rview = memoryview(self._rbuf)
@@ -458,7 +458,7 @@ class TftpService:
         if sock is not None and self._loop is not None:
             self._loop.remove_reader(sock.fileno())
             sock.close()
-        for transfer in list(self._transfers.values()):
+        for transfer in list(self._transfers):
             transfer.cancel()
         self._transfers.clear()
 
@@ -539,12 +539,12 @@ class TftpService:
                 self._reply_error(addr, local, ErrorCode.NOT_DEFINED, f"cannot open: {exc.strerror}")
                 return
 
-        # A new request from the same client TID supersedes the old transfer
-        # (a retransmitted RRQ whose answer was lost, or a UEFI size probe
-        # followed by the real request before its ERROR 8 was seen).
-        old = self._transfers.pop(addr, None)
-        if old is not None:
-            old.cancel()
+        # Every request gets its own transfer and TID, even a repeat from the
+        # same client port (RFC 1350 §4). A retransmitted RRQ whose answer
+        # crossed it thus gets a second transfer: the client keeps the first
+        # TID it hears from and the other ends on its ERROR 5 or its timer
+        # (what tftp-hpa does). Cancelling the older one instead would stall a
+        # client that had already locked on to it.
         if len(self._transfers) >= self.max_transfers:
             _close_source(source)
             self._reply_error(addr, local, ErrorCode.NOT_DEFINED, "server busy, try again")
@@ -569,7 +569,7 @@ class TftpService:
             max_windowsize=self.max_windowsize,
         )
         transfer = _Transfer(self, self._loop, sock, session, source, addr, resolved)
-        self._transfers[addr] = transfer
+        self._transfers.add(transfer)
         transfer.start()
 
     def _transfer_socket(self, local: str, addr: tuple[str, int]) -> tuple[socket.socket, int]:
@@ -618,8 +618,7 @@ class TftpService:
             self._log_failure(self._now(), logging.ERROR, "TFTP: record_step failed: %r", exc)
 
     def _transfer_ended(self, transfer: _Transfer, why: str | None) -> None:
-        if self._transfers.get(transfer.client) is transfer:
-            del self._transfers[transfer.client]
+        self._transfers.discard(transfer)
         session = transfer._session
         outcome = session.outcome
         if outcome is Outcome.COMPLETE or outcome is Outcome.OPTIONS_REFUSED or why == "cancelled":
