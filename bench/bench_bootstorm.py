@@ -489,9 +489,13 @@ def wait_ready(server: Server, work: Path) -> str | None:
     while time.monotonic() < deadline:
         if not server.alive():
             return f"{server.name} exited with {server.proc.returncode}: {tail(server.log)}"
-        r = subprocess.run(atftp_argv(server.how.client_ns, server.how.tftp_host, READY, str(out),
-                                      None, timeout=1),
-                           capture_output=True, text=True, timeout=15, check=False)
+        try:
+            r = subprocess.run(atftp_argv(server.how.client_ns, server.how.tftp_host, READY,
+                                          str(out), None, timeout=1),
+                               capture_output=True, text=True, timeout=15, check=False)
+        except subprocess.TimeoutExpired:
+            last = "atftp hung for 15 s"
+            continue
         if r.returncode == 0:
             return None
         lines = (r.stderr or r.stdout).strip().splitlines()
@@ -505,9 +509,12 @@ def check_files(server: Server, work: Path, blksize: int, digests: dict[str, str
     for remote, digest in digests.items():
         out = work / "check.bin"
         out.unlink(missing_ok=True)
-        r = subprocess.run(atftp_argv(server.how.client_ns, server.how.tftp_host, remote, str(out),
-                                      blksize),
-                           capture_output=True, text=True, timeout=120, check=False)
+        try:
+            r = subprocess.run(atftp_argv(server.how.client_ns, server.how.tftp_host, remote,
+                                          str(out), blksize),
+                               capture_output=True, text=True, timeout=120, check=False)
+        except subprocess.TimeoutExpired:
+            return f"check fetch of {remote}: no answer within 120 s"
         if r.returncode != 0:
             return f"check fetch of {remote}: exit {r.returncode}: {r.stderr.strip()}"
         got = sha256(out)
@@ -783,7 +790,10 @@ def measure(name: str, phase_name: str, env: Env, ns: Netns, args: argparse.Name
         return result
     finally:
         status = server.stop()
-        if name == "mobinux" and status not in (0, None, -signal.SIGTERM):
+        if name == "mobinux" and status is None:
+            print(f"  note: mobinux did not exit within {STOP_TIMEOUT:.0f} s of SIGTERM: killed",
+                  flush=True)
+        elif name == "mobinux" and status not in (0, -signal.SIGTERM):
             print(f"  note: mobinux exited with status {status} on SIGTERM", flush=True)
 
 

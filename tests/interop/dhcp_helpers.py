@@ -219,7 +219,7 @@ def _serve(ns: argparse.Namespace) -> None:
             print(f"STEP {mac} {ip} {step}", flush=True)
 
     async def main() -> None:
-        svc = DhcpService(cfg, ns.interface, policy, Path(ns.db), record)
+        svc = DhcpService(cfg, ns.interface, policy, Path(ns.db), record, batch=ns.batch)
         await svc.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--no-boot", action="store_true")
     s.add_argument("--fixed", action="append", default=[])
     s.add_argument("--quiet", action="store_true")
+    s.add_argument("--batch", type=int, default=256)
     p = sub.add_parser("probe")
     p.add_argument("--interface", required=True)
     p.add_argument("--type", type=int, default=1)
