@@ -167,3 +167,18 @@ def test_static_files_and_loaders(setup: tuple[Inventory, BootService, StepLog, 
 )
 def test_normalise_mac(text: str, mac: str | None) -> None:
     assert normalise_mac(text) == mac
+
+
+def test_steps_before_the_mac_is_known_are_attributed(tmp_path: Path) -> None:
+    inv = Inventory(tmp_path / "steps")
+    steps = StepLog()
+    steps(None, "10.77.0.160", "tftp pxelinux.0")  # proxy mode: the address came from elsewhere
+    steps.flush(inv)
+    steps(None, "10.77.0.160", "tftp ldlinux.c32")
+    steps.learn(MAC, "10.77.0.160")  # pxelinux.cfg/01-<mac> ties the address to the MAC
+    steps(None, "10.77.0.160", "tftp images/lab/vmlinuz")
+    steps(None, "10.77.0.161", "tftp other")
+    steps.flush(inv)
+    assert [s.step for s in inv.boot_steps(MAC)] == ["tftp pxelinux.0", "tftp ldlinux.c32",
+                                                     "tftp images/lab/vmlinuz"]
+    assert [s.mac for s in inv.boot_steps() if s.ip == "10.77.0.161"] == [None]

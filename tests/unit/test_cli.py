@@ -116,3 +116,17 @@ def test_status_json_without_server(cli: CliRunner, lab: None) -> None:
     assert status["server"]["running"] is False
     assert status["leases"] == []
     assert status["clients"][0]["mac"] == MAC and status["clients"][0]["node"] == "node-525400000001"
+
+
+def test_status_shows_the_latest_boot() -> None:
+    from mobinux.cli.status import last_boot
+
+    def steps(*names: str) -> list[dict[str, object]]:
+        return [{"step": n} for n in names]
+
+    previous = steps("dhcp-offer a", "dhcp-ack a", "tftp pxelinux.0", "tftp x")
+    current = steps("proxy-offer p", "proxy-offer p", "tftp pxelinux.0", "tftp ldlinux.c32",
+                    "tftp cfg", "tftp k", "tftp i")
+    assert last_boot(previous + current) == current
+    assert last_boot(steps("http x", "http y")) == steps("http x", "http y")
+    assert last_boot([]) == []

@@ -10,7 +10,19 @@ from mobinux.app import LEASES_NAME, server_pid
 from mobinux.cli.common import data_dir, print_json, print_table
 from mobinux.inventory.db import Inventory
 
-STEPS_SHOWN = 5
+STEPS_SHOWN = 20
+_DHCP_STEP_PREFIXES = ("dhcp-", "proxy-")
+
+
+def last_boot(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The steps of the client's latest boot: from the start of its last run of DHCP steps."""
+    start = 0
+    for i in range(len(steps) - 1, -1, -1):
+        if steps[i]["step"].startswith(_DHCP_STEP_PREFIXES):
+            start = i
+            if i > 0 and not steps[i - 1]["step"].startswith(_DHCP_STEP_PREFIXES):
+                break
+    return steps[start:][-STEPS_SHOWN:]
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -60,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         clients.setdefault(mac, [])
     client_list: list[dict[str, Any]] = [
         {"mac": key, "node": nodes[key].name if key in nodes else None,
-         "last_steps": entries[-STEPS_SHOWN:]}
+         "last_steps": last_boot(entries)}
         for key, entries in sorted(clients.items())
     ]
     if args.json:

@@ -38,7 +38,10 @@ from mobinux.errors import LocalError, MalformedPacket
 __all__ = ["DhcpService"]
 
 _RECV_BUF = 4096  # larger than any DHCP datagram we accept (one MTU)
-_SO_RCVBUF = 4 << 20
+# Receive buffer: room for a boot storm of ~1500 requests (the kernel doubles
+# the value), yet a bounded queue: beyond it the kernel drops early and cheaply
+# instead of us answering requests so old their clients have already resent.
+_SO_RCVBUF = 1 << 20
 
 
 class _RateLimitedLog:

@@ -362,6 +362,12 @@ class Inventory:
                     (mac, mac, self.KEEP_STEPS_PER_CLIENT),
                 )
 
+    def claim_boot_steps(self, ip: str, mac: str, since: float) -> None:
+        """Attribute steps taken from *ip* with no known MAC after *since* to *mac*."""
+        with self._tx() as db:
+            db.execute("UPDATE boot_steps SET mac = ? WHERE mac IS NULL AND ip = ? AND time >= ?",
+                       (mac, ip, since))
+
     def boot_steps(self, mac: str | None = None) -> list[BootStep]:
         if mac is None:
             rows = self._db.execute("SELECT * FROM boot_steps ORDER BY id")
