@@ -97,6 +97,8 @@ def test_cli_change_seen_without_restart(setup: tuple[Inventory, BootService, St
     other.add_node(_node(ip="10.77.0.50"))
     assert service.is_known(MAC)
     assert service.fixed_address(MAC) == IPv4Address("10.77.0.50")
+    assert service.fixed_owner(IPv4Address("10.77.0.50")) == MAC
+    assert service.fixed_owner(IPv4Address("10.77.0.51")) is None
     other.replace_node("pc1", _node(boot="local"))
     script = service.resolve("boot/525400000001.ipxe", "10.77.0.50")
     assert script is not None and script.data is not None and b"exit" in script.data
@@ -182,3 +184,10 @@ def test_steps_before_the_mac_is_known_are_attributed(tmp_path: Path) -> None:
     assert [s.step for s in inv.boot_steps(MAC)] == ["tftp pxelinux.0", "tftp ldlinux.c32",
                                                      "tftp images/lab/vmlinuz"]
     assert [s.mac for s in inv.boot_steps() if s.ip == "10.77.0.161"] == [None]
+
+
+def test_boot_service_offers_fixed_owner_to_dhcp(setup: tuple[Inventory, BootService, StepLog, Path]) -> None:
+    from mobinux.dhcp.server import FixedAddressOwners
+
+    _, service, _, _ = setup
+    assert isinstance(service, FixedAddressOwners)

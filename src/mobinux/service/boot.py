@@ -100,6 +100,7 @@ class BootService:
         self._images_dir = inventory.data_dir / "images"
         self._generation: tuple[int, int] | None = None
         self._nodes_by_mac: dict[str, Node] = {}
+        self._mac_by_fixed_ip: dict[IPv4Address, str] = {}
         self._images: dict[str, Image] = {}
         self._policy = inventory.unknown_policy()
         self._warned: set[str] = set()
@@ -111,6 +112,7 @@ class BootService:
         if generation == self._generation:
             return
         self._nodes_by_mac = {n.mac: n for n in self._inv.nodes()}
+        self._mac_by_fixed_ip = {IPv4Address(n.ip): n.mac for n in self._nodes_by_mac.values() if n.ip}
         self._images = {i.name: i for i in self._inv.images()}
         self._policy = self._inv.unknown_policy()
         self._generation = generation
@@ -150,6 +152,11 @@ class BootService:
         self._refresh()
         node = self._nodes_by_mac.get(mac)
         return None if node is None or node.ip is None else IPv4Address(node.ip)
+
+    def fixed_owner(self, ip: IPv4Address) -> str | None:
+        """The node whose fixed address *ip* is, so the pool never hands it to anyone else."""
+        self._refresh()
+        return self._mac_by_fixed_ip.get(ip)
 
     def boot_offer(self, request: BootRequest) -> BootOffer | None:
         node = self._node_for_mac(request.mac, enroll=True)
