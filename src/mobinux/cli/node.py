@@ -47,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         p.add_argument("--loader", choices=LOADERS, default="ipxe" if adding else None,
                        help="BIOS boot loader: ipxe, or pxelinux (pxelinux.0 + pxelinux.cfg); "
                        "UEFI clients always use iPXE" + (" (default: ipxe)" if adding else ""))
-        p.add_argument("--cmdline", help="extra kernel arguments; placeholders {mac} {ip} "
+        p.add_argument("--cmdline", metavar="ARGS", help="extra kernel arguments; placeholders {mac} {ip} "
                        "{hostname} {server} {ipconfig}")
 
     p = nsub.add_parser("add", help="register a node", description="Register a machine by its MAC.")

@@ -22,9 +22,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "and HTTP boot on one interface. Every option can also be set in a TOML file given with "
         "--config (same names, e.g. dhcp-range = \"10.0.0.100-10.0.0.200\"); flags win.",
     )
-    p.add_argument("--config", type=Path, help="TOML file with any of these settings")
-    p.add_argument("--interface", help="interface DHCP listens and answers on, e.g. eth1")
-    p.add_argument("--address", help="address clients reach this server at "
+    p.add_argument("--config", type=Path, metavar="FILE", help="TOML file with any of these settings")
+    p.add_argument("--interface", metavar="IF", help="interface DHCP listens and answers on, e.g. eth1")
+    p.add_argument("--address", metavar="IP", help="address clients reach this server at "
                    "(default: the interface's address)")
     p.add_argument("--dhcp", choices=DHCP_MODES, help="off, proxy (default: boot information "
                    "only, next to an existing DHCP server) or full (also hands out addresses)")
@@ -36,8 +36,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--deny-unknown", action="store_true", default=None,
                    help="full DHCP: give addresses only to registered nodes")
     p.add_argument("--tftp-root", metavar="DIR", help="extra static files served over TFTP and HTTP")
-    p.add_argument("--tftp-port", type=int, help="TFTP port (default 69)")
-    p.add_argument("--http-port", type=int, help="HTTP port (default 8080)")
+    p.add_argument("--tftp-port", type=int, metavar="PORT", help="TFTP port (default 69)")
+    p.add_argument("--http-port", type=int, metavar="PORT", help="HTTP port (default 8080)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="log verbosity (default info: one line per boot step)")
 
