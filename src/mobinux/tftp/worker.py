@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     ctl_fd, parent, level = int(args[0]), int(args[1]), int(args[2])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the main process shuts us down
     _die_with_parent(parent)
-    logging.basicConfig(level=level, format=f"%(levelname)s %(name)s[worker {os.getpid()}]: %(message)s")
+    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s %(name)s[worker {os.getpid()}]: %(message)s")
     asyncio.run(_serve(ctl_fd))
 
 
