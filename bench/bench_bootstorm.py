@@ -9,7 +9,7 @@ no failures, peak RSS under 200 MB = 200 * 10**6 bytes).
 
     python bench/bench_bootstorm.py [--clients 100] [--servers mobinux,atftpd,tftpd-hpa,dnsmasq]
         [--kernel-mib 16 --initrd-mib 32] [--blksize 1468] [--tftp-path lo|veth]
-        [--rounds 1] [--timeout 600] [--profile-mobinux FILE]
+        [--rounds 1] [--timeout 600] [--profile-mobinux FILE] [--mobinux-tftp-workers N]
 
 Exit status 0 when mobinux meets the targets, 1 when it does not, 2 on a
 usage problem, 130 when interrupted.
@@ -348,6 +348,7 @@ class Env:
     path: str  # "lo" or "veth": where the TFTP phase runs
     mobinux_python: str
     tftpd_hpa: str | None
+    mobinux_tftp_workers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -373,6 +374,8 @@ def launch(name: str, phase: str, env: Env, ns: Netns, work: Path) -> Launch:
         else:
             argv += ["--dhcp", "off", "--address", "127.0.0.1"]
         argv += ["--tftp-root", root, "--http-port", "8080"]
+        if env.mobinux_tftp_workers is not None:
+            argv += ["--tftp-workers", str(env.mobinux_tftp_workers)]
     elif name == "dnsmasq":
         argv = ["dnsmasq", "--no-daemon", "--port=0", "--conf-file=/dev/null", "--pid-file=",
                 "--user=root", "--group=root", "--bind-interfaces",
@@ -1136,6 +1139,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                        f"{PEERS_CACHE})")
     p.add_argument("--mobinux-python", default=str(REPO / ".venv" / "bin" / "python"),
                    help="python that can import mobinux (default: the repo's .venv)")
+    p.add_argument("--mobinux-tftp-workers", type=int, metavar="N",
+                   help="pass --tftp-workers N to mobinux serve (default: its own default)")
     a = p.parse_args(argv)
     if not 1 <= a.clients <= MAX_CLIENTS:
         p.error(f"--clients must be 1..{MAX_CLIENTS}")
@@ -1190,7 +1195,8 @@ def main(argv: list[str]) -> int:
         tftpd_hpa, why = (find_tftpd_hpa(args.tftpd_hpa) if "tftpd-hpa" in args.server_list
                           else (None, ""))
         env = Env(root=root, work=work, clients=args.clients, path=args.tftp_path,
-                  mobinux_python=args.mobinux_python, tftpd_hpa=tftpd_hpa)
+                  mobinux_python=args.mobinux_python, tftpd_hpa=tftpd_hpa,
+                  mobinux_tftp_workers=args.mobinux_tftp_workers)
         missing: dict[str, str] = {}
         if "tftpd-hpa" in args.server_list and tftpd_hpa is None:
             missing["tftpd-hpa"] = why

@@ -21,7 +21,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Protocol
 
-from mobinux.config import ServeConfig
+from mobinux.config import ServeConfig, default_tftp_workers
 from mobinux.errors import ConfigError, LocalError
 from mobinux.inventory.db import Inventory
 from mobinux.netif import interface_address
@@ -141,7 +141,9 @@ def build_services(config: ServeConfig, data_dir: Path, inventory: Inventory, st
                                     steps, logging.getLogger("mobinux.dhcp")))
     services.append(TftpService(boot, host=host, port=config.tftp_port, record_step=steps,
                                 logger=logging.getLogger("mobinux.tftp"),
-                                interface=config.interface))
+                                interface=config.interface,
+                                workers=(default_tftp_workers() if config.tftp_workers is None
+                                         else config.tftp_workers)))
     services.append(HttpService(boot, host=host, port=config.http_port, record_step=steps,
                                 logger=logging.getLogger("mobinux.http")))
     return boot, services

@@ -6,6 +6,7 @@ Every field can be set in the TOML file given with ``--config`` (same names,
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, fields
 from ipaddress import IPv4Address, IPv4Network, ip_address
@@ -31,6 +32,7 @@ class ServeConfig:
     deny_unknown: bool = False  # full mode: lease only to registered nodes
     tftp_root: Path | None = None  # extra static files, served over TFTP and HTTP
     tftp_port: int = 69
+    tftp_workers: int | None = None  # data-pump worker processes; None: default_tftp_workers()
     http_port: int = 8080
     loader_dirs: tuple[Path, ...] = (
         Path("/usr/lib/ipxe"),
@@ -49,10 +51,18 @@ class ServeConfig:
             port = getattr(self, port_name)
             if not 0 <= port <= 65535:
                 raise ConfigError(f"--{port_name.replace('_', '-')} must be 0-65535, not {port}")
+        if self.tftp_workers is not None and not 0 <= self.tftp_workers <= 64:
+            raise ConfigError(f"--tftp-workers must be 0-64, not {self.tftp_workers}")
         if self.lease_time < 60:
             raise ConfigError("--lease-time must be at least 60 seconds")
         if self.dhcp_range is not None and int(self.dhcp_range[0]) > int(self.dhcp_range[1]):
             raise ConfigError("--dhcp-range: the first address is after the last")
+
+
+def default_tftp_workers() -> int:
+    """TFTP data-pump workers when none are configured: one per core, at most 4, none on one core."""
+    cpus = os.cpu_count() or 1
+    return 0 if cpus <= 1 else min(cpus, 4)
 
 
 def parse_ip(text: str, what: str) -> IPv4Address:
@@ -99,7 +109,7 @@ def _coerce(name: str, value: Any) -> Any:
             return Path(value)
         case "loader_dirs":
             return tuple(Path(v) for v in value)
-        case "lease_time" | "tftp_port" | "http_port":
+        case "lease_time" | "tftp_port" | "http_port" | "tftp_workers":
             if isinstance(value, bool) or not isinstance(value, int | str):
                 raise ConfigError(f"{name} must be a whole number")
             try:

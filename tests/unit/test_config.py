@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mobinux.config import ServeConfig, build, load_toml
+from mobinux.config import ServeConfig, build, default_tftp_workers, load_toml
 from mobinux.errors import ConfigError
 
 
@@ -27,6 +27,17 @@ def test_flags_override_file(tmp_path: Path) -> None:
     assert config.http_port == 9000
 
 
+def test_tftp_workers_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ServeConfig(dhcp="off").tftp_workers is None  # the default: default_tftp_workers()
+    f = tmp_path / "m.toml"
+    f.write_text('dhcp = "off"\ntftp-workers = 3\n')
+    assert build(load_toml(f), {}).tftp_workers == 3
+    assert build(load_toml(f), {"tftp_workers": 0}).tftp_workers == 0
+    for cpus, want in ((None, 0), (1, 0), (2, 2), (3, 3), (16, 4)):
+        monkeypatch.setattr("os.cpu_count", lambda cpus=cpus: cpus)
+        assert default_tftp_workers() == want
+
+
 def test_serve_table_accepted(tmp_path: Path) -> None:
     f = tmp_path / "m.toml"
     f.write_text('[serve]\ndhcp = "off"\naddress = "10.1.1.1"\n')
@@ -44,6 +55,8 @@ def test_serve_table_accepted(tmp_path: Path) -> None:
         ({"dhcp": "off", "address": "fe80::1"}, "IPv4"),
         ({"dhcp": "off", "tftp_port": 70000}, "0-65535"),
         ({"dhcp": "off", "lease_time": 5}, "at least 60"),
+        ({"dhcp": "off", "tftp_workers": -1}, "--tftp-workers must be 0-64"),
+        ({"dhcp": "off", "tftp_workers": "many"}, "whole number"),
     ],
 )
 def test_bad_values_refused_with_reason(values: dict[str, object], message: str) -> None:

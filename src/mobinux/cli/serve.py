@@ -37,6 +37,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="full DHCP: give addresses only to registered nodes")
     p.add_argument("--tftp-root", metavar="DIR", help="extra static files served over TFTP and HTTP")
     p.add_argument("--tftp-port", type=int, metavar="PORT", help="TFTP port (default 69)")
+    p.add_argument("--tftp-workers", type=int, metavar="N",
+                   help="TFTP data-pump worker processes for large files; 0: serve everything "
+                   "in the main process (default: one per core up to 4, 0 on a single core)")
     p.add_argument("--http-port", type=int, metavar="PORT", help="HTTP port (default 8080)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="log verbosity (default info: one line per boot step)")
@@ -51,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         "dhcp_range": args.dhcp_range, "router": args.router, "dns": args.dns,
         "domain": args.domain, "lease_time": args.lease_time, "deny_unknown": args.deny_unknown,
         "tftp_root": args.tftp_root, "tftp_port": args.tftp_port, "http_port": args.http_port,
+        "tftp_workers": args.tftp_workers,
     }
     config = build(file_values, flags)
     with contextlib.suppress(KeyboardInterrupt):  # SIGINT is handled in app.run; a second one lands here

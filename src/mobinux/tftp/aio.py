@@ -13,6 +13,10 @@ Windows (RFC 7440) go out as one UDP GSO ``sendmsg`` (``UDP_SEGMENT``) when
 the kernel accepts it, falling back to one ``send`` per block.
 
 Disk reads: see :class:`FileSource`.
+
+With ``workers=N`` the data transfer of large real files runs in worker
+processes instead (:mod:`mobinux.tftp.worker`), with this same
+:class:`_Transfer` code; every request decision stays here.
 """
 
 from __future__ import annotations
@@ -20,11 +24,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
+import json
 import logging
 import os
+import signal
 import socket
 import stat
 import struct
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -65,6 +74,10 @@ _WARM_BYTES = 1 << 20  # how much a cache-miss read pulls in off the loop
 _RECV_BUF = 0xFFFF
 _REQUEST_BATCH = 64  # requests handled per wake-up of the listening socket
 _LOG_INTERVAL = 10.0  # seconds between two log lines about dropped packets
+
+_WORKER_MIN_SIZE = 1 << 20  # smaller files are served by the main process
+_WORKER_STOP_TIMEOUT = 3.0  # seconds between SIGTERM and SIGKILL at close()
+_WORKER_RESTARTS = 8  # per configured worker, over the service's lifetime
 
 _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 _IN_PROGRESS = Outcome.IN_PROGRESS
@@ -193,7 +206,7 @@ class _Transfer:
 
     def __init__(
         self,
-        service: TftpService,
+        service: _TransferHost,
         loop: asyncio.AbstractEventLoop,
         sock: socket.socket,
         session: ReadSession,
@@ -382,12 +395,107 @@ class _Transfer:
         self._end("cancelled")
 
 
-class TftpService:
+class _TransferHost:
+    """What a :class:`_Transfer` needs from the process that runs it.
+
+    :class:`TftpService` is one; a data-pump worker process
+    (:mod:`mobinux.tftp.worker`) has its own, which reports back to the
+    main process instead of calling ``record_step``.
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._transfers: set[_Transfer] = set()
+        self._gso = True
+        self._rbuf = bytearray(_RECV_BUF)
+        self._rview = memoryview(self._rbuf)
+        self._log_dropped = _RateLimitedLog(logger)
+        self._log_failure = _RateLimitedLog(logger)
+
+    def _now(self) -> float:
+        return self._loop.time() if self._loop is not None else 0.0
+
+    def _malformed(self, addr: tuple[str, int], exc: Exception) -> None:
+        self._log_dropped(self._now(), logging.WARNING, "TFTP: dropped malformed packet from %s: %s", addr[0], exc)
+
+    def _record(self, transfer: _Transfer) -> None:
+        raise NotImplementedError
+
+    def _transfer_ended(self, transfer: _Transfer, why: str | None) -> None:
+        self._transfers.discard(transfer)
+        session = transfer._session
+        outcome = session.outcome
+        if outcome is Outcome.COMPLETE or outcome is Outcome.OPTIONS_REFUSED or why == "cancelled":
+            # A size probe (OACK answered by ERROR 8) is routine: no noise.
+            if outcome is Outcome.COMPLETE:
+                self.logger.debug(
+                    "tftp %s to %s:%d: %d bytes, blksize %d, window %d, %d retransmissions",
+                    transfer.name, *transfer.client, session.size, session.blksize,
+                    session.windowsize, session.retransmissions,
+                )
+            return
+        if outcome is Outcome.CLIENT_ERROR and session.error is not None:
+            self.logger.debug(
+                "tftp %s to %s:%d: client ended with error %d %r",
+                transfer.name, *transfer.client, session.error.code, session.error.message,
+            )
+            return
+        self._log_failure(
+            self._now(), logging.INFO, "tftp %s to %s:%d ended: %s after %d of %d bytes",
+            transfer.name, *transfer.client, why or outcome.value, session.bytes_acked, session.size,
+        )
+
+
+class _Worker:
+    """The main process's handle on one data-pump worker process."""
+
+    __slots__ = ("ctl", "load", "pending", "proc")
+
+    def __init__(self, proc: subprocess.Popen[bytes], ctl: socket.socket) -> None:
+        self.proc = proc
+        self.ctl = ctl
+        self.load = 0  # transfers handed off and not yet reported ended
+        # transfer id -> (mac, client ip, name), for record_step and the load count
+        self.pending: dict[int, tuple[str | None, str, str]] = {}
+
+
+def _spawn_worker(level: int) -> _Worker:
+    """Start ``python -m mobinux.tftp.worker`` with one end of a SEQPACKET pair."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        env = dict(os.environ)
+        # The worker must import this very package, wherever it was loaded from.
+        src = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mobinux.tftp.worker", str(theirs.fileno()), str(os.getpid()), str(level)],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    ours.setblocking(False)
+    return _Worker(proc, ours)
+
+
+class TftpService(_TransferHost):
     """Read-only TFTP server (RFC 1350, 2347, 2348, 2349, 7440) on asyncio.
 
     ``record_step(mac, client_ip, "tftp NAME")`` is called once per transfer,
     when its data phase starts (so a UEFI size probe, which stops after the
     OACK, is not counted as a download).
+
+    With ``workers=N`` (N > 0), ``start()`` also starts N data-pump worker
+    processes (:mod:`mobinux.tftp.worker`); every real file of at least
+    ``worker_min_size`` bytes is then sent by the least-loaded worker, while
+    this process keeps every decision (parsing, resolving, opening, the
+    transfer socket, ``record_step``). Generated and small files, and every
+    transfer when no worker is alive, are served here.
     """
 
     def __init__(
@@ -404,28 +512,28 @@ class TftpService:
         max_windowsize: int = WINDOWSIZE_CAP,
         max_blksize: int = BLKSIZE_MAX,
         max_transfers: int = 1024,
+        workers: int = 0,
+        worker_min_size: int = _WORKER_MIN_SIZE,
     ) -> None:
+        super().__init__(logger or logging.getLogger("mobinux.tftp"))
         self.resolver = resolver
         self.host = host
         self.port = port
         self.record_step = record_step
-        self.logger = logger or logging.getLogger("mobinux.tftp")
         self.interface = interface
         self.timeout = timeout
         self.max_retries = max_retries
         self.max_windowsize = max_windowsize
         self.max_blksize = max_blksize
         self.max_transfers = max_transfers
+        self.workers = workers
+        self.worker_min_size = worker_min_size
+        self._workers: list[_Worker] = []
+        self._restarts_left = _WORKER_RESTARTS * workers
+        self._handoff_ids = itertools.count(1)
         self._sock: socket.socket | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._transfers: set[_Transfer] = set()
-        self._gso = True
-        self._rbuf = bytearray(_RECV_BUF)
-        self._rview = memoryview(self._rbuf)
         self._cmsg_space = socket.CMSG_SPACE(_PKTINFO.size)
         self._wildcard = host in ("0.0.0.0", "")
-        self._log_dropped = _RateLimitedLog(self.logger)
-        self._log_failure = _RateLimitedLog(self.logger)
 
     # -- lifecycle --------------------------------------------------------
 
@@ -450,6 +558,12 @@ class TftpService:
         self.port = sock.getsockname()[1]
         self._sock = sock
         self._loop = loop
+        try:
+            for _ in range(self.workers):
+                self._add_worker(_spawn_worker(self.logger.getEffectiveLevel()))
+        except BaseException:
+            await self.close()
+            raise
         loop.add_reader(sock.fileno(), self._on_request)
 
     async def close(self) -> None:
@@ -461,10 +575,106 @@ class TftpService:
         for transfer in list(self._transfers):
             transfer.cancel()
         self._transfers.clear()
+        workers, self._workers = self._workers, []
+        for worker in workers:
+            self._drop_worker(worker)
+        await _stop_processes([w.proc for w in workers])
 
     @property
     def active_transfers(self) -> int:
-        return len(self._transfers)
+        return len(self._transfers) + sum(w.load for w in self._workers)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """The pids of the live data-pump workers."""
+        return [w.proc.pid for w in self._workers]
+
+    # -- data-pump workers --------------------------------------------------
+
+    def _add_worker(self, worker: _Worker) -> None:
+        assert self._loop is not None
+        self._workers.append(worker)
+        self._loop.add_reader(worker.ctl.fileno(), self._on_worker_message, worker)
+
+    def _drop_worker(self, worker: _Worker) -> None:
+        if self._loop is not None and worker.ctl.fileno() >= 0:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(worker.ctl.fileno())
+        worker.ctl.close()  # EOF: the worker ends its transfers and exits
+        worker.pending.clear()
+        worker.load = 0
+
+    def _worker_lost(self, worker: _Worker) -> None:
+        if worker not in self._workers:
+            return
+        self._workers.remove(worker)
+        lost = worker.load
+        self._drop_worker(worker)
+        proc = worker.proc
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=1.0)
+        self.logger.error(
+            "TFTP worker %d died (exit status %s); %d transfers lost", proc.pid, proc.returncode, lost
+        )
+        if self._sock is None or self._restarts_left <= 0:
+            return
+        self._restarts_left -= 1
+        try:
+            self._add_worker(_spawn_worker(self.logger.getEffectiveLevel()))
+        except OSError as exc:
+            self.logger.error("TFTP: cannot restart a worker: %s", exc)
+
+    def _on_worker_message(self, worker: _Worker) -> None:
+        for _ in range(256):
+            try:
+                msg = worker.ctl.recv(64)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                msg = b""
+            if not msg:
+                self._worker_lost(worker)
+                return
+            kind, _, ident = msg.partition(b" ")
+            try:
+                tid = int(ident)
+            except ValueError:
+                continue
+            if kind == b"s":
+                job = worker.pending.get(tid)
+                if job is not None:
+                    self._record_step(*job)
+            elif kind == b"e" and worker.pending.pop(tid, None) is not None:
+                worker.load -= 1
+
+    def _hand_off(self, request: ReadRequest, source: FileSource, sock: socket.socket,
+                  addr: tuple[str, int], resolved: ResolvedFile, max_blksize: int) -> bool:
+        """Give the transfer to the least-loaded worker; False to serve it here."""
+        while self._workers:
+            worker = min(self._workers, key=_load)
+            tid = next(self._handoff_ids)
+            job = {
+                "id": tid, "name": resolved.name, "path": str(resolved.path), "mac": resolved.mac,
+                "filename": request.filename, "mode": request.mode, "options": request.options,
+                "client": addr, "max_blksize": max_blksize, "timeout": self.timeout,
+                "max_retries": self.max_retries, "max_windowsize": self.max_windowsize,
+            }
+            try:
+                socket.send_fds(worker.ctl, [json.dumps(job).encode()], [sock.fileno(), source._fd])
+            except (BlockingIOError, InterruptedError):
+                return False  # that worker is swamped: serve this one here
+            except OSError:
+                self._worker_lost(worker)  # EPIPE, ECONNRESET: it died; try another
+                continue
+            worker.load += 1
+            worker.pending[tid] = (resolved.mac, addr[0], resolved.name)
+            sock.close()
+            source.close()
+            return True
+        return False
 
     # -- requests on the server port ----------------------------------------
 
@@ -490,9 +700,6 @@ class TftpService:
                 self._log_failure(
                     self._now(), logging.ERROR, "TFTP request from %s failed: %r", addr[0], exc
                 )
-
-    def _now(self) -> float:
-        return self._loop.time() if self._loop is not None else 0.0
 
     def _handle_request(self, data: bytes, addr: tuple[str, int], local: str) -> None:
         try:
@@ -545,7 +752,7 @@ class TftpService:
         # TID it hears from and the other ends on its ERROR 5 or its timer
         # (what tftp-hpa does). Cancelling the older one instead would stall a
         # client that had already locked on to it.
-        if len(self._transfers) >= self.max_transfers:
+        if self.active_transfers >= self.max_transfers:
             _close_source(source)
             self._reply_error(addr, local, ErrorCode.NOT_DEFINED, "server busy, try again")
             return
@@ -559,6 +766,13 @@ class TftpService:
         assert self._loop is not None
         # RFC 2348: no IP fragmentation; a block must fit the path MTU.
         max_blksize = max(BLKSIZE_MIN, min(self.max_blksize, mtu - UDP_IPV4_OVERHEAD - DATA_HEADER_LEN))
+        if (
+            self._workers
+            and isinstance(source, FileSource)
+            and source.size >= self.worker_min_size
+            and self._hand_off(request, source, sock, addr, resolved, max_blksize)
+        ):
+            return
         session = ReadSession(
             request,
             source,
@@ -606,42 +820,39 @@ class TftpService:
 
     # -- callbacks from transfers -------------------------------------------
 
-    def _malformed(self, addr: tuple[str, int], exc: Exception) -> None:
-        self._log_dropped(self._now(), logging.WARNING, "TFTP: dropped malformed packet from %s: %s", addr[0], exc)
-
     def _record(self, transfer: _Transfer) -> None:
+        self._record_step(transfer.resolved.mac, transfer.client[0], transfer.name)
+
+    def _record_step(self, mac: str | None, client_ip: str, name: str) -> None:
         if self.record_step is None:
             return
         try:
-            self.record_step(transfer.resolved.mac, transfer.client[0], f"tftp {transfer.name}")
+            self.record_step(mac, client_ip, f"tftp {name}")
         except Exception as exc:
             self._log_failure(self._now(), logging.ERROR, "TFTP: record_step failed: %r", exc)
-
-    def _transfer_ended(self, transfer: _Transfer, why: str | None) -> None:
-        self._transfers.discard(transfer)
-        session = transfer._session
-        outcome = session.outcome
-        if outcome is Outcome.COMPLETE or outcome is Outcome.OPTIONS_REFUSED or why == "cancelled":
-            # A size probe (OACK answered by ERROR 8) is routine: no noise.
-            if outcome is Outcome.COMPLETE:
-                self.logger.debug(
-                    "tftp %s to %s:%d: %d bytes, blksize %d, window %d, %d retransmissions",
-                    transfer.name, *transfer.client, session.size, session.blksize,
-                    session.windowsize, session.retransmissions,
-                )
-            return
-        if outcome is Outcome.CLIENT_ERROR and session.error is not None:
-            self.logger.debug(
-                "tftp %s to %s:%d: client ended with error %d %r",
-                transfer.name, *transfer.client, session.error.code, session.error.message,
-            )
-            return
-        self._log_failure(
-            self._now(), logging.INFO, "tftp %s to %s:%d ended: %s after %d of %d bytes",
-            transfer.name, *transfer.client, why or outcome.value, session.bytes_acked, session.size,
-        )
 
 
 def _close_source(source: BlockSource) -> None:
     if isinstance(source, FileSource):
         source.close()
+
+
+def _load(worker: _Worker) -> int:
+    return worker.load
+
+
+async def _stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM, wait up to a timeout, then SIGKILL; reap them all."""
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.send_signal(signal.SIGTERM)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _WORKER_STOP_TIMEOUT
+    while any(p.poll() is None for p in procs) and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.kill()
+            proc.wait()
