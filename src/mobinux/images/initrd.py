@@ -609,6 +609,50 @@ def _extract_archive(
     return entries, implicit, crc
 
 
+def _archives(
+    src: ByteSource, file: Path
+) -> Iterator[tuple[Compression, int, int, ByteSource, str]]:
+    """Walk the segments of an initrd: (compression, stream number, stream offset,
+    source positioned at a cpio archive, context for messages) for every archive.
+
+    The caller reads each archive to its trailer before asking for the next.
+    NUL padding between segments is skipped, as the kernel does; a compressed
+    stream may hold several archives and must hold at least one.
+    """
+    stream = 0
+    while True:
+        src.skip_nuls()
+        head = src.peek(MAGIC_SIZE)
+        if not head:
+            return
+        start = src.offset
+        kind = detect(head)
+        if kind is None:
+            raise ImageError(f"{file}: unrecognised data at offset {start} ({head.hex()})")
+        if kind not in SUPPORTED:
+            raise ImageError(f"{file}: {kind}-compressed data at offset {start} is not supported")
+        if kind is Compression.NONE:
+            yield kind, stream, start, src, f"{file}"
+        else:
+            inner = ByteSource(DecompressingReader(src, kind))
+            context = f"{file}: {kind} stream at offset {start}"
+            found = False
+            while True:
+                inner.skip_nuls()
+                head = inner.peek(MAGIC_SIZE)
+                if not head:
+                    break
+                if detect(head) is not Compression.NONE:
+                    raise ImageError(
+                        f"{context}: junk at offset {inner.offset} of its data ({head.hex()})"
+                    )
+                found = True
+                yield kind, stream, start, inner, context
+            if not found:
+                raise ImageError(f"{context} holds no cpio archive")
+        stream += 1
+
+
 def unpack_initrd(file: Path, dest: Path) -> InitrdManifest:
     """Unpack every archive of the initrd *file* into ``dest/segment-N/``.
 
@@ -630,11 +674,7 @@ def unpack_initrd(file: Path, dest: Path) -> InitrdManifest:
     segments: list[InitrdSegment] = []
     try:
         with f:
-            src = ByteSource(f)
-
-            def extract(
-                source: ByteSource, kind: Compression, stream: int, start: int, context: str
-            ) -> None:
+            for kind, stream, start, source, context in _archives(ByteSource(f), file):
                 directory = f"segment-{len(segments)}"
                 path = dest / directory
                 created.append(path)
@@ -642,40 +682,6 @@ def unpack_initrd(file: Path, dest: Path) -> InitrdManifest:
                 segments.append(
                     InitrdSegment(directory, kind, stream, start, crc, entries, implicit)
                 )
-
-            stream = 0
-            while True:
-                src.skip_nuls()
-                head = src.peek(MAGIC_SIZE)
-                if not head:
-                    break
-                start = src.offset
-                kind = detect(head)
-                if kind is None:
-                    raise ImageError(f"{file}: unrecognised data at offset {start} ({head.hex()})")
-                if kind not in SUPPORTED:
-                    raise ImageError(
-                        f"{file}: {kind}-compressed data at offset {start} is not supported"
-                    )
-                if kind is Compression.NONE:
-                    extract(src, kind, stream, start, f"{file}")
-                else:
-                    inner = ByteSource(DecompressingReader(src, kind))
-                    context = f"{file}: {kind} stream at offset {start}"
-                    before = len(segments)
-                    while True:
-                        inner.skip_nuls()
-                        head = inner.peek(MAGIC_SIZE)
-                        if not head:
-                            break
-                        if detect(head) is not Compression.NONE:
-                            raise ImageError(
-                                f"{context}: junk at offset {inner.offset} of its data ({head.hex()})"
-                            )
-                        extract(inner, kind, stream, start, context)
-                    if len(segments) == before:
-                        raise ImageError(f"{context} holds no cpio archive")
-                stream += 1
         if not segments:
             raise ImageError(f"{file} holds no cpio archive")
         manifest = InitrdManifest(tuple(segments))
@@ -860,35 +866,12 @@ def iter_segments(file: Path) -> Iterator[tuple[int, Compression, int, CpioHeade
             f = stack.enter_context(open(file, "rb"))
         except OSError as exc:
             raise ImageError(f"cannot read {file}: {exc.strerror}") from exc
-        src = ByteSource(f)
-        number = 0
-        while True:
-            src.skip_nuls()
-            head = src.peek(MAGIC_SIZE)
-            if not head:
-                return
-            start = src.offset
-            kind = detect(head)
-            if kind is None or kind not in SUPPORTED:
-                raise ImageError(
-                    f"{file}: unrecognised or unsupported data at offset {start} ({head.hex()})"
-                )
-            source: ByteSource = src
-            if kind is not Compression.NONE:
-                source = ByteSource(DecompressingReader(src, kind))
-            while True:
-                source.skip_nuls()
-                head = source.peek(MAGIC_SIZE)
-                if not head:
-                    break
-                if detect(head) is not Compression.NONE:
-                    raise ImageError(f"{file}: junk in the {kind} stream at offset {start}")
-                reader = CpioReader(source, base_offset=source.offset)
-                for header in reader:
-                    yield number, kind, start, header
-                number += 1
-                if kind is Compression.NONE:
-                    break
+        for number, (kind, _stream, start, source, _context) in enumerate(
+            _archives(ByteSource(f), file)
+        ):
+            reader = CpioReader(source, base_offset=source.offset)
+            for header in reader:
+                yield number, kind, start, header
 
 
 __all__ = [
