@@ -16,6 +16,7 @@ import fcntl
 import logging
 import os
 import signal
+import sqlite3
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -26,7 +27,7 @@ from mobinux.errors import ConfigError, LocalError
 from mobinux.inventory.db import Inventory
 from mobinux.netif import interface_address
 from mobinux.service.boot import ENDPOINT_SETTING, BootService, Endpoint
-from mobinux.service.steps import StepLog
+from mobinux.service.steps import StepLog, write_steps
 
 log = logging.getLogger("mobinux")
 
@@ -155,6 +156,9 @@ async def run(config: ServeConfig, data_dir: Path, ready: asyncio.Event | None =
     lock = ServerLock(data_dir)
     lock.acquire()
     inventory = Inventory(data_dir)
+    # Boot steps get their own connection, written from a worker thread: the
+    # once-a-second commit (an fsync) never stalls the event loop.
+    step_store = Inventory(data_dir, any_thread=True)
     steps = StepLog(logging.getLogger("mobinux.boot"))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -180,7 +184,10 @@ async def run(config: ServeConfig, data_dir: Path, ready: asyncio.Event | None =
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), STEP_FLUSH_INTERVAL)
-            steps.flush(inventory)
+            try:
+                await asyncio.to_thread(write_steps, step_store, *steps.drain())
+            except sqlite3.Error as exc:  # status is lost, booting goes on
+                log.warning("cannot record boot steps in %s: %s", data_dir, exc)
         log.info("shutting down")
     finally:
         for service in reversed(started):
@@ -188,7 +195,8 @@ async def run(config: ServeConfig, data_dir: Path, ready: asyncio.Event | None =
                 await service.close()
             except Exception:  # a failing close must not stop the others
                 log.exception("error while closing %s", type(service).__name__)
-        steps.flush(inventory)
+        steps.flush(step_store)
+        step_store.close()
         inventory.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

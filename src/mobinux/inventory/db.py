@@ -147,11 +147,14 @@ def _image_from_row(row: sqlite3.Row) -> Image:
 class Inventory:
     """Typed access to ``mobinux.db``. One instance per process (not thread-safe)."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, any_thread: bool = False) -> None:
+        """*any_thread*: the connection may be used from one thread at a time, any thread
+        (the server's boot-step writer, run with ``asyncio.to_thread``)."""
         self.data_dir = data_dir
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(data_dir / DB_NAME, isolation_level=None, timeout=10.0)
+            self._db = sqlite3.connect(data_dir / DB_NAME, isolation_level=None, timeout=10.0,
+                                       check_same_thread=not any_thread)
         except (OSError, sqlite3.Error) as exc:
             raise LocalError(f"cannot open the data directory {data_dir}: {exc}") from exc
         self._db.row_factory = sqlite3.Row
@@ -346,9 +349,14 @@ class Inventory:
 
     KEEP_STEPS_PER_CLIENT = 20
 
-    def add_boot_steps(self, steps: list[BootStep]) -> None:
-        """Append steps in one transaction, keeping the newest few per client."""
-        if not steps:
+    def add_boot_steps(self, steps: list[BootStep], claims: dict[str, str] | None = None,
+                       claim_since: float = 0.0) -> None:
+        """Append steps in one transaction, keeping the newest few per client.
+
+        *claims* (address -> MAC) attributes steps taken from that address after
+        *claim_since* with no known MAC to the MAC, in the same transaction.
+        """
+        if not steps and not claims:
             return
         with self._tx() as db:
             db.executemany(
@@ -361,12 +369,11 @@ class Inventory:
                     "(SELECT id FROM boot_steps WHERE mac IS ? ORDER BY id DESC LIMIT ?)",
                     (mac, mac, self.KEEP_STEPS_PER_CLIENT),
                 )
-
-    def claim_boot_steps(self, ip: str, mac: str, since: float) -> None:
-        """Attribute steps taken from *ip* with no known MAC after *since* to *mac*."""
-        with self._tx() as db:
-            db.execute("UPDATE boot_steps SET mac = ? WHERE mac IS NULL AND ip = ? AND time >= ?",
-                       (mac, ip, since))
+            for ip, claimed_mac in (claims or {}).items():
+                db.execute(
+                    "UPDATE boot_steps SET mac = ? WHERE mac IS NULL AND ip = ? AND time >= ?",
+                    (claimed_mac, ip, claim_since),
+                )
 
     def boot_steps(self, mac: str | None = None) -> list[BootStep]:
         if mac is None:

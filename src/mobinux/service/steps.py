@@ -3,8 +3,9 @@
 Protocol services call :class:`StepLog` (a :data:`mobinux.boot.StepRecorder`)
 on the event loop; it logs the step, remembers which MAC uses which address
 (TFTP and HTTP clients are known only by their address) and queues the step.
-The server flushes the queue to the inventory about once a second in one
-transaction, so the hot path never waits for the disk.
+The server drains the queue about once a second and writes it in one
+transaction from a worker thread, so neither the hot path nor the event loop
+waits for the disk.
 """
 
 from __future__ import annotations
@@ -52,14 +53,28 @@ class StepLog:
             if step.mac is None and step.ip == client_ip:
                 self._pending[i] = BootStep(mac, step.ip, step.time, step.step)
 
-    def flush(self, inventory: Inventory) -> int:
-        """Write queued steps to the inventory; returns how many."""
+    def drain(self) -> tuple[list[BootStep], dict[str, str]]:
+        """Take the queued steps and the addresses learned since the last drain.
+
+        Called on the event loop; :func:`write_steps` then stores them, off the loop.
+        """
         steps = list(self._pending)
         self._pending.clear()
         learned, self._learned = self._learned, {}
-        inventory.add_boot_steps(steps)
-        for ip, mac in learned.items():
-            inventory.claim_boot_steps(ip, mac, since=time.time() - self.CLAIM_WINDOW)
+        return steps, learned
+
+    def flush(self, inventory: Inventory) -> int:
+        """Drain and write in one go (shutdown, tests); returns how many steps."""
+        steps, learned = self.drain()
+        write_steps(inventory, steps, learned)
         return len(steps)
 
-    CLAIM_WINDOW = 300.0  # seconds: anonymous steps this recent are attributed to a learned MAC
+
+
+CLAIM_WINDOW = 300.0  # seconds: anonymous steps this recent are attributed to a learned MAC
+
+
+def write_steps(inventory: Inventory, steps: list[BootStep], learned: dict[str, str]) -> None:
+    """Store drained steps, and give recent anonymous steps of learned addresses their MAC,
+    in one transaction (one fsync, however many clients booted)."""
+    inventory.add_boot_steps(steps, claims=learned, claim_since=time.time() - CLAIM_WINDOW)
