@@ -44,10 +44,6 @@ class Firmware(enum.Enum):
     UEFI_X64 = "uefi-x64"
     UEFI_ARM64 = "uefi-arm64"
 
-    @property
-    def is_uefi(self) -> bool:
-        return self is not Firmware.BIOS
-
 
 def firmware_of(arch: int | None) -> Firmware:
     """Map an option 93 value to the firmware family (absent means BIOS)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from mobinux.inventory.db import Image, Inventory
 
@@ -18,7 +17,3 @@ def add_fake_image(inv: Inventory, name: str, cmdline: str = "console=ttyS0") ->
                   created=time.time())
     inv.add_image(image)
     return image
-
-
-def open_inventory(path: Path) -> Inventory:
-    return Inventory(path)

@@ -10,8 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from mobinux.errors import LocalError
-
 DEFAULT_DATA_DIR = "./mobinux-data"
 
 
@@ -40,15 +38,3 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
     print("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
     for row in text_rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-
-
-def parse_size(text: str) -> int:
-    """``512M``, ``2G``, ``1024`` -> bytes (binary units, as qemu-img uses)."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    suffix = t[-1:] if t[-1:] in units and t[-1:] != "" else ""
-    number = t[: -1] if suffix else t
-    try:
-        return int(float(number) * units[suffix])
-    except ValueError:
-        raise LocalError(f"{text!r} is not a size like 512M or 2G") from None
