@@ -318,7 +318,11 @@ def test_proxy_mode_next_to_dnsmasq(net: tuple[Topology, str, str], tmp_path: Pa
         "vcli0",
         check=False,
     )
-    assert r.returncode == 0 and "DHCPACK of 10.78.0.1" in r.stderr, r.stderr
+    acked = re.search(r"DHCPACK of (\S+) from (\S+)", r.stderr)
+    assert r.returncode == 0 and acked is not None, r.stderr
+    # the lease is dnsmasq's: from its server address and its range, .160-.200
+    assert acked.group(2) == SERVER_IP
+    assert IPv4Address("10.78.0.160") <= IPv4Address(acked.group(1)) <= IPv4Address("10.78.0.200")
     kill_pidfile(pf)
     time.sleep(0.3)
     stats = srv.stop()
