@@ -14,6 +14,11 @@ PACKAGES=(
   # real clients and peers for interop tests and benchmarks
   isc-dhcp-client dnsmasq kea-dhcp4-server kea-admin atftp atftpd tftp-hpa curl
   iproute2 procps python3-venv
+  # iSCSI: disk import (qemu-img), real initiators (libiscsi tools and its compliance
+  # suite, QEMU's iscsi:// driver, open-iscsi's iscsistart), tgt as the peer to beat
+  libiscsi-bin qemu-block-extra open-iscsi tgt
+  # bootable test disks without root or loop devices: FAT, MBR, syslinux for BIOS and UEFI
+  dosfstools mtools fdisk syslinux syslinux-efi
 )
 
 missing=()
@@ -31,7 +36,7 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 # dnsmasq and atftpd must not run as system services: tests start their own.
-for svc in dnsmasq atftpd kea-dhcp4-server; do
+for svc in dnsmasq atftpd kea-dhcp4-server tgt iscsid open-iscsi; do
   systemctl disable --now "$svc" >/dev/null 2>&1 || true
 done
 

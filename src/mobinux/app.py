@@ -6,6 +6,7 @@
     TFTP (69)       ---+-- BootService -------+
     HTTP (8080)     --/   (policy + files)     \\-- images/, --tftp-root, loaders
              \\______________ StepLog (log lines, `mobinux status`)
+    iSCSI (3260)    ----- IscsiExports ---------- targets, node disks (disks/)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Protocol
 
 from mobinux.config import ServeConfig, default_tftp_workers
 from mobinux.errors import ConfigError, LocalError
-from mobinux.inventory.db import Inventory
+from mobinux.inventory.db import Inventory, IscsiSessionRecord
 from mobinux.netif import interface_address
 from mobinux.service.boot import ENDPOINT_SETTING, BootService, Endpoint
 from mobinux.service.steps import StepLog, write_steps
@@ -114,7 +115,8 @@ def build_services(config: ServeConfig, data_dir: Path, inventory: Inventory, st
     from mobinux.tftp.aio import TftpService
 
     gateway = config.router[0] if config.router else None
-    endpoint = Endpoint(network.address, config.http_port, network.subnet, gateway)
+    endpoint = Endpoint(network.address, config.http_port, network.subnet, gateway,
+                        iscsi_port=config.iscsi_port, iqn_prefix=config.iqn_prefix)
     inventory.set_setting(ENDPOINT_SETTING, endpoint.to_json())
     boot = BootService(inventory, endpoint, steps, tftp_root=config.tftp_root,
                        loader_dirs=config.loader_dirs)
@@ -147,7 +149,48 @@ def build_services(config: ServeConfig, data_dir: Path, inventory: Inventory, st
                                          else config.tftp_workers)))
     services.append(HttpService(boot, host=host, port=config.http_port, record_step=steps,
                                 logger=logging.getLogger("mobinux.http")))
+    if config.iscsi_port:
+        services.append(IscsiRunner(inventory, endpoint, host))
     return boot, services
+
+
+class IscsiRunner:
+    """The iSCSI target as a :class:`Service`, with its exports read from the inventory.
+
+    It has its own inventory connection: the exports are consulted at login,
+    and a login must not wait for (or interleave with) the boot services' reads.
+    """
+
+    def __init__(self, inventory: Inventory, endpoint: Endpoint, host: str) -> None:
+        from mobinux.iscsi.aio import IscsiService
+        from mobinux.service.iscsi import IscsiExports
+
+        self._inventory = Inventory(inventory.data_dir)
+        self.exports = IscsiExports(self._inventory, endpoint)
+        self.service = IscsiService(self.exports, host=host, port=endpoint.iscsi_port)
+        self._recorded: list[IscsiSessionRecord] | None = None
+
+    async def start(self) -> None:
+        await self.service.start()
+
+    async def close(self) -> None:
+        try:
+            await self.service.stop()
+        finally:
+            self.exports.close()
+            self._inventory.close()
+
+    def session_records(self) -> list[IscsiSessionRecord] | None:
+        """The live sessions, or None when they have not changed since the last call."""
+        records = [
+            IscsiSessionRecord(s.initiator, s.target, self.exports.node_of(s.target), s.peer,
+                               s.since, s.session_type)
+            for s in self.service.sessions()
+        ]
+        if records == self._recorded:
+            return None
+        self._recorded = records
+        return records
 
 
 async def run(config: ServeConfig, data_dir: Path, ready: asyncio.Event | None = None) -> None:
@@ -168,6 +211,7 @@ async def run(config: ServeConfig, data_dir: Path, ready: asyncio.Event | None =
     try:
         network = resolve_network(config)
         _, services = build_services(config, data_dir, inventory, steps, network)
+        iscsi = next((s for s in services if isinstance(s, IscsiRunner)), None)
         for service in services:
             try:
                 await service.start()
@@ -177,15 +221,19 @@ async def run(config: ServeConfig, data_dir: Path, ready: asyncio.Event | None =
             except OSError as exc:
                 raise LocalError(f"{type(service).__name__} cannot start: {exc.strerror or exc}") from None
             started.append(service)
-        log.info("serving on %s (dhcp %s, tftp :%d, http :%d), data in %s", network.address,
-                 config.dhcp, config.tftp_port, config.http_port, data_dir)
+        log.info("serving on %s (dhcp %s, tftp :%d, http :%d, iscsi %s), data in %s",
+                 network.address, config.dhcp, config.tftp_port, config.http_port,
+                 f":{config.iscsi_port}" if config.iscsi_port else "off", data_dir)
         if ready is not None:
             ready.set()
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), STEP_FLUSH_INTERVAL)
+            sessions = None if iscsi is None else iscsi.session_records()
             try:
                 await asyncio.to_thread(write_steps, step_store, *steps.drain())
+                if sessions is not None:
+                    await asyncio.to_thread(step_store.set_iscsi_sessions, sessions)
             except sqlite3.Error as exc:  # status is lost, booting goes on
                 log.warning("cannot record boot steps in %s: %s", data_dir, exc)
         log.info("shutting down")
@@ -196,6 +244,8 @@ async def run(config: ServeConfig, data_dir: Path, ready: asyncio.Event | None =
             except Exception:  # a failing close must not stop the others
                 log.exception("error while closing %s", type(service).__name__)
         steps.flush(step_store)
+        with contextlib.suppress(sqlite3.Error):
+            step_store.set_iscsi_sessions([])  # no server, no sessions
         step_store.close()
         inventory.close()
         for sig in (signal.SIGTERM, signal.SIGINT):

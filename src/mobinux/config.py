@@ -7,6 +7,7 @@ Every field can be set in the TOML file given with ``--config`` (same names,
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, fields
 from ipaddress import IPv4Address, IPv4Network, ip_address
@@ -16,6 +17,7 @@ from typing import Any
 from mobinux.errors import ConfigError
 
 DHCP_MODES = ("off", "proxy", "full")
+_IQN_PREFIX = re.compile(r"^iqn\.\d{4}-(0[1-9]|1[0-2])\.[a-z0-9][a-z0-9.-]*[a-z0-9]([:.][a-z0-9.:-]*)?$")
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,8 @@ class ServeConfig:
     tftp_port: int = 69
     tftp_workers: int | None = None  # data-pump worker processes; None: default_tftp_workers()
     http_port: int = 8080
+    iscsi_port: int = 3260  # 0: no iSCSI target
+    iqn_prefix: str = "iqn.2026-11.org.mobinux:"  # target IQN = prefix + target name
     loader_dirs: tuple[Path, ...] = (
         Path("/usr/lib/ipxe"),
         Path("/usr/lib/PXELINUX"),
@@ -47,7 +51,11 @@ class ServeConfig:
             raise ConfigError("--interface is required when DHCP is on (or use --dhcp off)")
         if self.dhcp == "full" and self.dhcp_range is None:
             raise ConfigError("--dhcp full needs an address pool: --dhcp-range FIRST-LAST")
-        for port_name in ("tftp_port", "http_port"):
+        if not _IQN_PREFIX.match(self.iqn_prefix):
+            raise ConfigError(f"--iqn-prefix {self.iqn_prefix!r}: write it like "
+                              "iqn.2026-11.org.example: (iqn., the year-month the domain was "
+                              "owned, the reversed domain in lower case; RFC 7143 §4.2.7.2)")
+        for port_name in ("tftp_port", "http_port", "iscsi_port"):
             port = getattr(self, port_name)
             if not 0 <= port <= 65535:
                 raise ConfigError(f"--{port_name.replace('_', '-')} must be 0-65535, not {port}")
@@ -109,7 +117,7 @@ def _coerce(name: str, value: Any) -> Any:
             return Path(value)
         case "loader_dirs":
             return tuple(Path(v) for v in value)
-        case "lease_time" | "tftp_port" | "http_port" | "tftp_workers":
+        case "lease_time" | "tftp_port" | "http_port" | "tftp_workers" | "iscsi_port":
             if isinstance(value, bool) or not isinstance(value, int | str):
                 raise ConfigError(f"{name} must be a whole number")
             try:

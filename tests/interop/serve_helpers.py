@@ -27,6 +27,7 @@ class Server:
     tftp_port: int
     http_port: int
     data_dir: Path
+    iscsi_port: int = 0
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -36,15 +37,16 @@ class Server:
 def loopback_server(tmp_path: Path, *extra: str) -> Iterator[Server]:
     data_dir = tmp_path / "data"
     tftp_port, http_port = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM)
+    iscsi_port = free_port(socket.SOCK_STREAM)
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mobinux", "--data-dir", str(data_dir), "serve", "--dhcp", "off",
              "--address", "127.0.0.1", "--tftp-port", str(tftp_port), "--http-port", str(http_port),
-             *extra],
+             "--iscsi-port", str(iscsi_port), *extra],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
-    server = Server(proc, log_path, tftp_port, http_port, data_dir)
+    server = Server(proc, log_path, tftp_port, http_port, data_dir, iscsi_port)
     try:
         deadline = time.monotonic() + 20
         while "serving on" not in server.log():

@@ -71,3 +71,27 @@ def render_script(entries: list[IpxeEntry], *, hostname: str, timeout_s: int = 5
         lines.append("goto local")
     lines += [":local", "exit", ""]
     return "\n".join(lines)
+
+
+def iscsi_root_path(server: str, port: int, lun: int, target_iqn: str) -> str:
+    """iPXE's iSCSI root path ``iscsi:<server>:<protocol>:<port>:<lun>:<target>`` (RFC 4173 §5).
+
+    The protocol field is empty (TCP); the port is left out when it is 3260.
+    """
+    return f"iscsi:{server}::{'' if port == 3260 else port}:{lun}:{target_iqn}"
+
+
+def sanboot_script(*, hostname: str, initiator_iqn: str, root_path: str) -> str:
+    """Boot a whole disk over iSCSI: iPXE logs in as *initiator_iqn*, hooks the disk into
+    INT 13h (BIOS) or a block I/O protocol (UEFI), describes it in the iBFT so the booted
+    system can log in again, and boots it (https://ipxe.org/cmd/sanboot)."""
+    return "\n".join([
+        "#!ipxe",
+        f"echo mobinux: booting {_quote(hostname)} from {_quote(root_path)}",
+        f"set initiator-iqn {_quote(initiator_iqn)}",
+        f"sanboot {_quote(root_path)} || goto failed",
+        ":failed",
+        "echo mobinux: sanboot failed; booting from the next boot device",
+        "exit",
+        "",
+    ])

@@ -41,6 +41,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--special", type=Path, metavar="FILE",
                    help="extra entries in gen_init_cpio syntax, e.g. 'nod /dev/null 0666 0 0 c 1 3' "
                    "(device nodes a non-root user cannot create in DIR)")
+    p = isub.add_parser(
+        "import",
+        help="import a disk image (raw, qcow2, vmdk, vdi, ...) for nodes to boot over iSCSI",
+        description="Store a raw, sparse copy of FILE in the data directory (converted by "
+        "qemu-img, with a progress bar) and register it as disk image NAME. Nodes boot it with "
+        "mobinux node add MAC --image NAME --boot iscsi. The original file is not changed.",
+    )
+    p.add_argument("file", type=Path, help="disk image file")
+    p.add_argument("--name", required=True, help="image name")
+    p.add_argument("--format", dest="disk_format", metavar="FORMAT",
+                   help="the file's format when qemu-img cannot tell (default: detected)")
     p = isub.add_parser("list", help="list images")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = isub.add_parser("remove", help="remove an image no node uses")
@@ -65,15 +76,48 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+DISKS_DIR = "disks"  # not under images/: disks are never served over TFTP or HTTP
+
+
+def _new_image_name(inv: Inventory, name: str) -> str:
+    if not name or "/" in name or name.startswith(".") or len(name) > 64:
+        raise InventoryError(f"image name {name!r}: use letters, digits, '-', '_' and '.'")
+    if inv.get_image(name) is not None:
+        raise InventoryError(f"image {name!r} already exists; remove it first (mobinux image remove {name})")
+    return name
+
+
+def _import(args: argparse.Namespace, inv: Inventory) -> int:
+    from mobinux.images.disk import convert_to_raw, inspect
+
+    name = _new_image_name(inv, args.name)
+    info = inspect(args.file, args.disk_format)
+    disks = inv.data_dir / DISKS_DIR
+    disks.mkdir(parents=True, exist_ok=True, mode=0o700)
+    final = disks / name
+    if final.exists():  # left over by an interrupted import that never registered it
+        shutil.rmtree(final)
+    work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=disks))
+    try:
+        size = convert_to_raw(args.file, work / "disk.raw", info,
+                              progress=ProgressBar(f"importing {name}"))
+        os.rename(work, final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    inv.add_image(Image(
+        name=name, kind="disk", kernel="", initrd=None, cmdline="", size=size, sha256="",
+        created=time.time(), disk=f"{DISKS_DIR}/{name}/disk.raw",
+    ))
+    print(f"image {name}: {info.format} disk of {size / 2**20:.1f} MiB imported")
+    return 0
+
+
 def _ramdisk(args: argparse.Namespace, inv: Inventory) -> int:
     from mobinux.images.ramdisk import pack_ramdisk
 
-    name: str = args.name
-    if not name or "/" in name or name.startswith(".") or len(name) > 64:
-        raise InventoryError(f"image name {name!r}: use letters, digits, '-', '_' and '.'")
+    name = _new_image_name(inv, args.name)
     check_template(args.cmdline)
-    if inv.get_image(name) is not None:
-        raise InventoryError(f"image {name!r} already exists; remove it first (mobinux image remove {name})")
     if not args.dir.is_dir():
         raise ImageError(f"{args.dir} is not a directory")
     if not args.kernel.is_file():
@@ -137,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if cmd == "ramdisk":
             return _ramdisk(args, inv)
+        if cmd == "import":
+            return _import(args, inv)
         if cmd == "list":
             images = inv.images()
             if args.json:
@@ -147,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if cmd == "remove":
             image = inv.remove_image(args.name)
-            shutil.rmtree(inv.data_dir / "images" / image.name, ignore_errors=True)
+            folder = DISKS_DIR if image.kind == "disk" else "images"
+            shutil.rmtree(inv.data_dir / folder / image.name, ignore_errors=True)
             print(f"removed image {image.name}")
             return 0
     finally:

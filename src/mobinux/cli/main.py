@@ -6,11 +6,12 @@ import sys
 from collections.abc import Sequence
 
 from mobinux import __version__
-from mobinux.cli import image, node, policy, serve, status
+from mobinux.cli import image, node, policy, serve, status, target
 from mobinux.cli.common import CliParser
 from mobinux.errors import MobinuxError
 
-GROUPS = {"serve": serve, "status": status, "node": node, "image": image, "policy": policy}
+GROUPS = {"serve": serve, "status": status, "node": node, "image": image, "policy": policy,
+          "target": target}
 
 
 def build_parser() -> CliParser:

@@ -22,7 +22,7 @@ from mobinux.service.boot import (
 from mobinux.service.steps import StepLog
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-NOT_YET = ("kernel", "iscsi")  # boot modes that arrive with the iSCSI target
+NOT_YET = ("kernel",)  # boot modes that arrive with diskless iSCSI roots
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -41,8 +41,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         p.add_argument("--image", action="append", metavar="NAME",
                        help="image to boot; repeat for a boot menu (the first is the default)")
         p.add_argument("--boot", choices=BOOT_MODES, default="ramdisk" if adding else None,
-                       help="what to boot: ramdisk (kernel + RAM-disk root), local (the machine's "
-                       "next boot device); kernel and iscsi arrive with iSCSI support"
+                       help="what to boot: ramdisk (kernel + RAM-disk root), iscsi (iPXE sanboots a "
+                       "disk image from the node's own iSCSI target), local (the machine's "
+                       "next boot device); kernel arrives with diskless iSCSI roots"
                        + (" (default: ramdisk)" if adding else ""))
         p.add_argument("--loader", choices=LOADERS, default="ipxe" if adding else None,
                        help="BIOS boot loader: ipxe, or pxelinux (pxelinux.0 + pxelinux.cfg); "
@@ -86,8 +87,10 @@ def _check(node: Node, inv: Inventory) -> None:
         raise InventoryError(f"node name {node.name!r}: use letters, digits, '-', '_' and '.' "
                              "(at most 63, starting with a letter or digit)")
     if node.boot in NOT_YET:
-        raise InventoryError(f"--boot {node.boot} needs the iSCSI target, which this version "
-                             "does not have yet; use --boot ramdisk or --boot local")
+        raise InventoryError(f"--boot {node.boot} needs diskless iSCSI roots, which this version "
+                             "does not have yet; use --boot ramdisk, iscsi or local")
+    if node.boot == "iscsi":
+        _check_iscsi(node, inv)
     if node.boot == "ramdisk":
         if not node.images:
             raise InventoryError("--boot ramdisk needs an image: --image NAME (see: mobinux image list)")
@@ -101,6 +104,28 @@ def _check(node: Node, inv: Inventory) -> None:
     if len(set(node.images)) != len(node.images):
         raise InventoryError("the same --image is given twice")
     check_template(node.cmdline)
+
+
+def _check_iscsi(node: Node, inv: Inventory) -> None:
+    if len(node.images) != 1:
+        raise InventoryError("--boot iscsi needs exactly one disk image: --image NAME "
+                             "(import one with: mobinux image import FILE --name NAME)")
+    image = inv.get_image(node.images[0])
+    if image is None:
+        raise InventoryError(f"no image named {node.images[0]!r} (see: mobinux image list)")
+    if image.kind != "disk":
+        raise InventoryError(f"image {image.name!r} is a {image.kind} image; --boot iscsi boots a "
+                             "disk image (mobinux image import FILE --name NAME)")
+    if node.loader == "pxelinux":
+        raise InventoryError("--boot iscsi needs the iPXE loader (pxelinux cannot boot from "
+                             "iSCSI); use --loader ipxe")
+    for other in inv.nodes():
+        if other.mac != node.mac and other.boot == "iscsi" and image.name in other.images:
+            # Each node writes to its disk directly until per-node overlays exist; two
+            # machines writing one file system would corrupt it.
+            raise InventoryError(f"image {image.name!r} is already the iSCSI disk of node "
+                                 f"{other.name!r}; one disk image boots one node (import "
+                                 "another copy for this node)")
 
 
 def find_node(inv: Inventory, key: str) -> Node:

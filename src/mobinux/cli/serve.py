@@ -17,9 +17,9 @@ from mobinux.config import DHCP_MODES, build, load_toml
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "serve",
-        help="run the boot server (DHCP, TFTP, HTTP)",
-        description="Serve DHCP (proxy by default: safe next to an existing DHCP server), TFTP "
-        "and HTTP boot on one interface. Every option can also be set in a TOML file given with "
+        help="run the boot server (DHCP, TFTP, HTTP, iSCSI)",
+        description="Serve DHCP (proxy by default: safe next to an existing DHCP server), TFTP, "
+        "HTTP boot and the iSCSI target on one interface. Every option can also be set in a TOML file given with "
         "--config (same names, e.g. dhcp-range = \"10.0.0.100-10.0.0.200\"); flags win.",
     )
     p.add_argument("--config", type=Path, metavar="FILE", help="TOML file with any of these settings")
@@ -41,6 +41,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="TFTP data-pump worker processes for large files; 0: serve everything "
                    "in the main process (default: one per core up to 4, 0 on a single core)")
     p.add_argument("--http-port", type=int, metavar="PORT", help="HTTP port (default 8080)")
+    p.add_argument("--iscsi-port", type=int, metavar="PORT",
+                   help="iSCSI target port (default 3260; 0: no iSCSI target)")
+    p.add_argument("--iqn-prefix", metavar="IQN",
+                   help="target names become IQNs under this prefix "
+                   "(default iqn.2026-11.org.mobinux:)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="log verbosity (default info: one line per boot step)")
 
@@ -54,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
         "dhcp_range": args.dhcp_range, "router": args.router, "dns": args.dns,
         "domain": args.domain, "lease_time": args.lease_time, "deny_unknown": args.deny_unknown,
         "tftp_root": args.tftp_root, "tftp_port": args.tftp_port, "http_port": args.http_port,
-        "tftp_workers": args.tftp_workers,
+        "tftp_workers": args.tftp_workers, "iscsi_port": args.iscsi_port,
+        "iqn_prefix": args.iqn_prefix,
     }
     config = build(file_values, flags)
     with contextlib.suppress(KeyboardInterrupt):  # SIGINT is handled in app.run; a second one lands here

@@ -1,4 +1,4 @@
-"""``mobinux status``: is the server up, the DHCP leases, each node's last boot steps."""
+"""``mobinux status``: is the server up, DHCP leases, iSCSI sessions, each node's last boot steps."""
 
 from __future__ import annotations
 
@@ -26,9 +26,10 @@ def last_boot(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("status", help="server state, DHCP leases and recent boot steps",
+    p = sub.add_parser("status", help="server state, DHCP leases, iSCSI sessions and recent boot steps",
                        description="Shows whether a server runs on the data directory, the "
-                       "DHCP leases it handed out, and the last boot steps of every client.")
+                       "DHCP leases it handed out, the iSCSI sessions logged in (initiator, "
+                       "target, node, since when) and the last boot steps of every client.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -62,6 +63,12 @@ def run(args: argparse.Namespace) -> int:
         nodes = {n.mac: n for n in inv.nodes()}
         steps = inv.boot_steps()
         leases = _leases(args)
+        # Recorded by the server as sessions come and go; stale once it is gone.
+        sessions: list[dict[str, Any]] = [
+            {"initiator": r.initiator, "target": r.target, "node": r.node, "peer": r.peer,
+             "since": r.since, "type": r.kind}
+            for r in (inv.iscsi_sessions() if pid is not None else [])
+        ]
     finally:
         inv.close()
     clients: dict[str, list[dict[str, Any]]] = {}
@@ -77,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     if args.json:
         print_json({"server": {"running": pid is not None, "pid": pid, "data_dir": str(directory)},
-                    "leases": leases, "clients": client_list})
+                    "leases": leases, "iscsi_sessions": sessions, "clients": client_list})
         return 0
     print(f"server: {'running (pid ' + str(pid) + ')' if pid is not None else 'not running'}"
           f"  data: {directory}")
@@ -86,6 +93,11 @@ def run(args: argparse.Namespace) -> int:
                 [[le["mac"], le["ip"], le["hostname"], _when(le["expires"]), le["state"]]
                  for le in leases])
     print()
+    if sessions:
+        print_table(["initiator", "target", "node", "peer", "since"],
+                    [[x["initiator"], x["target"], x["node"], x["peer"], _when(x["since"])]
+                     for x in sessions])
+        print()
     rows = []
     for client in client_list:
         last = client["last_steps"]

@@ -9,7 +9,9 @@ state. Schema changes are numbered migrations applied in order.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -57,9 +59,34 @@ _MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX boot_steps_mac ON boot_steps(mac, id);
     """,
+    # 2: iSCSI: disk images, exported targets, the server's live sessions
+    """
+    ALTER TABLE images ADD COLUMN disk TEXT;    -- disk images: path relative to the data dir
+    CREATE TABLE targets (
+        name          TEXT PRIMARY KEY,
+        file          TEXT NOT NULL,            -- absolute path, exported in place
+        readonly      INTEGER NOT NULL DEFAULT 0,
+        chap_user     TEXT,
+        chap_secret   TEXT,
+        mutual_user   TEXT,
+        mutual_secret TEXT,
+        allow         TEXT NOT NULL DEFAULT '[]',  -- JSON list of InitiatorNames, [] = anyone
+        created       REAL NOT NULL
+    );
+    CREATE TABLE iscsi_sessions (               -- rewritten by `mobinux serve` as sessions come and go
+        id        INTEGER PRIMARY KEY AUTOINCREMENT,
+        initiator TEXT NOT NULL,
+        target    TEXT NOT NULL,
+        node      TEXT,
+        peer      TEXT NOT NULL,
+        since     REAL NOT NULL,
+        kind      TEXT NOT NULL
+    );
+    """,
 )
 
 BOOT_MODES = ("ramdisk", "kernel", "iscsi", "local")
+IMAGE_KINDS = ("ramdisk", "disk")
 LOADERS = ("ipxe", "pxelinux")
 UNKNOWN_POLICIES = ("deny", "default", "enroll")
 
@@ -74,18 +101,47 @@ class Image:
     size: int
     sha256: str
     created: float
+    disk: str | None = None  # a disk image's file, relative to the data directory
 
     def to_json(self) -> dict[str, object]:
         return {
             "name": self.name,
             "kind": self.kind,
-            "kernel": self.kernel,
+            "kernel": self.kernel or None,
             "initrd": self.initrd,
+            "disk": self.disk,
             "cmdline": self.cmdline,
             "size": self.size,
             "sha256": self.sha256,
             "created": self.created,
         }
+
+
+@dataclass(frozen=True)
+class Target:
+    """A file exported over iSCSI in place (``mobinux target add``)."""
+
+    name: str
+    file: str
+    readonly: bool = False
+    chap_user: str | None = None
+    chap_secret: str | None = field(default=None, repr=False)
+    mutual_user: str | None = None
+    mutual_secret: str | None = field(default=None, repr=False)
+    allow: tuple[str, ...] = ()
+    created: float = 0.0
+
+
+@dataclass(frozen=True)
+class IscsiSessionRecord:
+    """A live iSCSI session as the server last recorded it (for ``mobinux status``)."""
+
+    initiator: str
+    target: str
+    node: str | None
+    peer: str
+    since: float
+    kind: str
 
 
 @dataclass(frozen=True)
@@ -141,7 +197,36 @@ def _image_from_row(row: sqlite3.Row) -> Image:
         size=row["size"],
         sha256=row["sha256"],
         created=row["created"],
+        disk=row["disk"],
     )
+
+
+def _target_from_row(row: sqlite3.Row) -> Target:
+    return Target(
+        name=row["name"],
+        file=row["file"],
+        readonly=bool(row["readonly"]),
+        chap_user=row["chap_user"],
+        chap_secret=row["chap_secret"],
+        mutual_user=row["mutual_user"],
+        mutual_secret=row["mutual_secret"],
+        allow=tuple(json.loads(row["allow"])),
+        created=row["created"],
+    )
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file readable by its owner only: it holds CHAP secrets
+    (SQLite gives the -wal and -shm files the same mode).
+
+    Only when it does not exist yet: opening and closing a descriptor of a
+    database another connection of this process holds would drop that
+    connection's POSIX locks (fcntl locks belong to the process and file).
+    """
+    if path.exists():
+        return
+    with contextlib.suppress(FileExistsError):  # created meanwhile by someone else
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 class Inventory:
@@ -153,6 +238,7 @@ class Inventory:
         self.data_dir = data_dir
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
+            _create_private(data_dir / DB_NAME)
             self._db = sqlite3.connect(data_dir / DB_NAME, isolation_level=None, timeout=10.0,
                                        check_same_thread=not any_thread)
         except (OSError, sqlite3.Error) as exc:
@@ -207,10 +293,10 @@ class Inventory:
         try:
             with self._tx() as db:
                 db.execute(
-                    "INSERT INTO images (name, kind, kernel, initrd, cmdline, size, sha256, created)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO images (name, kind, kernel, initrd, cmdline, size, sha256, created,"
+                    " disk) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (image.name, image.kind, image.kernel, image.initrd, image.cmdline,
-                     image.size, image.sha256, image.created),
+                     image.size, image.sha256, image.created, image.disk),
                 )
         except sqlite3.IntegrityError:
             raise InventoryError(
@@ -334,6 +420,55 @@ class Inventory:
                     "INSERT OR REPLACE INTO settings (key, value) VALUES ('unknown.image', ?)",
                     (policy.image,),
                 )
+
+    # -- iSCSI targets ----------------------------------------------------
+
+    def add_target(self, target: Target) -> None:
+        try:
+            with self._tx() as db:
+                db.execute(
+                    "INSERT INTO targets (name, file, readonly, chap_user, chap_secret, mutual_user,"
+                    " mutual_secret, allow, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (target.name, target.file, int(target.readonly), target.chap_user,
+                     target.chap_secret, target.mutual_user, target.mutual_secret,
+                     json.dumps(list(target.allow)), target.created or time.time()),
+                )
+        except sqlite3.IntegrityError:
+            raise InventoryError(
+                f"target {target.name!r} already exists; remove it first "
+                f"(mobinux target remove {target.name})"
+            ) from None
+
+    def get_target(self, name: str) -> Target | None:
+        row = self._db.execute("SELECT * FROM targets WHERE name = ?", (name,)).fetchone()
+        return None if row is None else _target_from_row(row)
+
+    def targets(self) -> list[Target]:
+        return [_target_from_row(r) for r in self._db.execute("SELECT * FROM targets ORDER BY name")]
+
+    def remove_target(self, name: str) -> Target:
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM targets WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise InventoryError(f"no target named {name!r} (see: mobinux target list)")
+            db.execute("DELETE FROM targets WHERE name = ?", (name,))
+            return _target_from_row(row)
+
+    def set_iscsi_sessions(self, sessions: list[IscsiSessionRecord]) -> None:
+        """Replace the recorded live sessions (the server calls this when they change)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM iscsi_sessions")
+            db.executemany(
+                "INSERT INTO iscsi_sessions (initiator, target, node, peer, since, kind)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [(s.initiator, s.target, s.node, s.peer, s.since, s.kind) for s in sessions],
+            )
+
+    def iscsi_sessions(self) -> list[IscsiSessionRecord]:
+        return [
+            IscsiSessionRecord(r["initiator"], r["target"], r["node"], r["peer"], r["since"], r["kind"])
+            for r in self._db.execute("SELECT * FROM iscsi_sessions ORDER BY since, id")
+        ]
 
     # -- free-form settings -------------------------------------------------
 

@@ -54,28 +54,54 @@ def default_node_name(mac: str) -> str:
 
 
 ENDPOINT_SETTING = "server.endpoint"  # written by `mobinux serve`, read by the CLI
+DEFAULT_ISCSI_PORT = 3260
+# IQNs are "iqn.<year-month the naming authority owned the domain>.<reversed domain>:<name>"
+# (RFC 7143 §4.2.7.2); a site sets its own with --iqn-prefix.
+DEFAULT_IQN_PREFIX = "iqn.2026-11.org.mobinux:"
 
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where clients reach this server."""
+    """Where clients reach this server, and how it names its iSCSI targets."""
 
     server: IPv4Address
     http_port: int
     subnet: IPv4Network | None = None
     gateway: IPv4Address | None = None
+    iscsi_port: int = DEFAULT_ISCSI_PORT
+    iqn_prefix: str = DEFAULT_IQN_PREFIX
 
     def to_json(self) -> str:
         return json.dumps({"server": str(self.server), "http_port": self.http_port,
                            "subnet": None if self.subnet is None else str(self.subnet),
-                           "gateway": None if self.gateway is None else str(self.gateway)})
+                           "gateway": None if self.gateway is None else str(self.gateway),
+                           "iscsi_port": self.iscsi_port, "iqn_prefix": self.iqn_prefix})
 
     @classmethod
     def from_json(cls, text: str) -> Endpoint:
         d = json.loads(text)
         return cls(IPv4Address(d["server"]), int(d["http_port"]),
                    None if d["subnet"] is None else IPv4Network(d["subnet"]),
-                   None if d["gateway"] is None else IPv4Address(d["gateway"]))
+                   None if d["gateway"] is None else IPv4Address(d["gateway"]),
+                   int(d.get("iscsi_port", DEFAULT_ISCSI_PORT)),
+                   str(d.get("iqn_prefix", DEFAULT_IQN_PREFIX)))
+
+    @property
+    def portal(self) -> str:
+        """``IP:PORT`` of the iSCSI portal."""
+        return f"{self.server}:{self.iscsi_port}"
+
+    def target_iqn(self, name: str) -> str:
+        """The IQN of the exported target *name* (``mobinux target add``)."""
+        return self.iqn_prefix + name
+
+    def node_target_iqn(self, mac: str) -> str:
+        """The IQN of a node's own target: from its MAC, so renaming a node keeps it."""
+        return self.iqn_prefix + "node." + mac.replace(":", "")
+
+    def node_initiator_iqn(self, mac: str) -> str:
+        """The InitiatorName Mobinux gives a node (handed to iPXE); only it may log in."""
+        return self.iqn_prefix + "initiator." + mac.replace(":", "")
 
     def http_url(self, path: str) -> str:
         host = str(self.server) if self.http_port == 80 else f"{self.server}:{self.http_port}"
@@ -214,11 +240,29 @@ class BootService:
     def _entries(self, node: Node) -> list[Image]:
         self._refresh()
         images = [self._images[name] for name in node.images if name in self._images]
-        return [] if node.boot == "local" else images
+        if node.boot in ("local", "iscsi"):
+            return []  # nothing to list: the firmware boots on, or iPXE sanboots the disk
+        return [i for i in images if i.kind == "ramdisk"]
+
+    def iscsi_info(self, node: Node) -> dict[str, object] | None:
+        """Where a ``--boot iscsi`` node's disk is: its own target, its own initiator name, LUN 0."""
+        if node.boot != "iscsi":
+            return None
+        return {
+            "target": self._endpoint.node_target_iqn(node.mac),
+            "portal": self._endpoint.portal,
+            "initiator": self._endpoint.node_initiator_iqn(node.mac),
+            "lun": 0,
+        }
 
     def ipxe_script(self, node: Node, client_ip: str | None) -> str:
         if node.boot == "local":
             return ipxe.local_boot_script()
+        if node.boot == "iscsi":
+            root_path = ipxe.iscsi_root_path(str(self._endpoint.server), self._endpoint.iscsi_port,
+                                             0, self._endpoint.node_target_iqn(node.mac))
+            return ipxe.sanboot_script(hostname=node.name, root_path=root_path,
+                                       initiator_iqn=self._endpoint.node_initiator_iqn(node.mac))
         entries = [
             ipxe.IpxeEntry(
                 label=f"img{i}",
@@ -316,8 +360,8 @@ class BootService:
     def describe_node(self, node: Node) -> dict[str, object]:
         self._refresh()
         image = self._images.get(node.image) if node.image else None
-        boot_cmdline = "" if image is None else self.boot_cmdline(node, image)
-        return {
+        boot_cmdline = "" if image is None or image.kind != "ramdisk" else self.boot_cmdline(node, image)
+        info: dict[str, object] = {
             "name": node.name,
             "mac": node.mac,
             "ip": node.ip,
@@ -329,3 +373,7 @@ class BootService:
             "boot_cmdline": boot_cmdline,
             "script_url": self.script_url(node.mac),
         }
+        iscsi = self.iscsi_info(node)
+        if iscsi is not None:
+            info["iscsi"] = iscsi
+        return info

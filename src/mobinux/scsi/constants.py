@@ -1,0 +1,257 @@
+"""SCSI constants in the standards' own words.
+
+References: SAM-5 (status codes), SPC-4 (r37: common commands, sense data,
+ASC/ASCQ table in Annex D / 4.5.6), SBC-3 (r36: block commands).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class Status(IntEnum):
+    """SAM-5 5.3.1 status codes."""
+
+    GOOD = 0x00
+    CHECK_CONDITION = 0x02
+    CONDITION_MET = 0x04
+    BUSY = 0x08
+    RESERVATION_CONFLICT = 0x18
+    TASK_SET_FULL = 0x28
+    ACA_ACTIVE = 0x30
+    TASK_ABORTED = 0x40
+
+
+class SenseKey(IntEnum):
+    """SPC-4 4.5.6 Table 41: sense key descriptions."""
+
+    NO_SENSE = 0x0
+    RECOVERED_ERROR = 0x1
+    NOT_READY = 0x2
+    MEDIUM_ERROR = 0x3
+    HARDWARE_ERROR = 0x4
+    ILLEGAL_REQUEST = 0x5
+    UNIT_ATTENTION = 0x6
+    DATA_PROTECT = 0x7
+    BLANK_CHECK = 0x8
+    VENDOR_SPECIFIC = 0x9
+    COPY_ABORTED = 0xA
+    ABORTED_COMMAND = 0xB
+    VOLUME_OVERFLOW = 0xD
+    MISCOMPARE = 0xE
+
+
+class Asc(IntEnum):
+    """SPC-4 Annex D.2: additional sense code and qualifier, as ``ASC << 8 | ASCQ``."""
+
+    NO_ADDITIONAL_SENSE = 0x0000
+    WRITE_ERROR = 0x0C00
+    UNRECOVERED_READ_ERROR = 0x1100
+    MISCOMPARE_DURING_VERIFY = 0x1D00
+    PARAMETER_LIST_LENGTH_ERROR = 0x1A00
+    INVALID_COMMAND_OPERATION_CODE = 0x2000
+    LBA_OUT_OF_RANGE = 0x2100
+    INVALID_FIELD_IN_CDB = 0x2400
+    LOGICAL_UNIT_NOT_SUPPORTED = 0x2500
+    INVALID_FIELD_IN_PARAMETER_LIST = 0x2600
+    PARAMETER_NOT_SUPPORTED = 0x2601
+    WRITE_PROTECTED = 0x2700
+    SPACE_ALLOCATION_FAILED_WRITE_PROTECT = 0x2707
+    POWER_ON_RESET_OR_BUS_DEVICE_RESET = 0x2900
+    POWER_ON_OCCURRED = 0x2901
+    SCSI_BUS_RESET_OCCURRED = 0x2902
+    BUS_DEVICE_RESET_FUNCTION_OCCURRED = 0x2903
+    I_T_NEXUS_LOSS_OCCURRED = 0x2907
+    PARAMETERS_CHANGED = 0x2A00
+    MODE_PARAMETERS_CHANGED = 0x2A01
+    RESERVATIONS_PREEMPTED = 0x2A03
+    RESERVATIONS_RELEASED = 0x2A04
+    REGISTRATIONS_PREEMPTED = 0x2A05
+    CAPACITY_DATA_HAS_CHANGED = 0x2A09
+    COMMANDS_CLEARED_BY_ANOTHER_INITIATOR = 0x2F00
+    SAVING_PARAMETERS_NOT_SUPPORTED = 0x3900
+    MEDIUM_NOT_PRESENT = 0x3A00
+    INTERNAL_TARGET_FAILURE = 0x4400
+    MEDIUM_REMOVAL_PREVENTED = 0x5302
+    REPORTED_LUNS_DATA_HAS_CHANGED = 0x3F0E
+    INQUIRY_DATA_HAS_CHANGED = 0x3F03
+    INSUFFICIENT_REGISTRATION_RESOURCES = 0x5504
+
+    @property
+    def asc(self) -> int:
+        return self.value >> 8
+
+    @property
+    def ascq(self) -> int:
+        return self.value & 0xFF
+
+
+class Opcode(IntEnum):
+    """Operation codes (SPC-4 Annex E.3.1; SBC-3 5.1 Table 13)."""
+
+    TEST_UNIT_READY = 0x00
+    REQUEST_SENSE = 0x03
+    FORMAT_UNIT = 0x04
+    READ_6 = 0x08
+    WRITE_6 = 0x0A
+    INQUIRY = 0x12
+    MODE_SELECT_6 = 0x15
+    RESERVE_6 = 0x16
+    RELEASE_6 = 0x17
+    MODE_SENSE_6 = 0x1A
+    START_STOP_UNIT = 0x1B
+    RECEIVE_DIAGNOSTIC_RESULTS = 0x1C
+    SEND_DIAGNOSTIC = 0x1D
+    PREVENT_ALLOW_MEDIUM_REMOVAL = 0x1E
+    READ_CAPACITY_10 = 0x25
+    READ_10 = 0x28
+    WRITE_10 = 0x2A
+    WRITE_AND_VERIFY_10 = 0x2E
+    VERIFY_10 = 0x2F
+    PRE_FETCH_10 = 0x34
+    SYNCHRONIZE_CACHE_10 = 0x35
+    READ_DEFECT_DATA_10 = 0x37
+    WRITE_BUFFER = 0x3B
+    READ_BUFFER = 0x3C
+    WRITE_SAME_10 = 0x41
+    SANITIZE = 0x48  # SBC-4 5.30
+    UNMAP = 0x42
+    LOG_SELECT = 0x4C
+    LOG_SENSE = 0x4D
+    MODE_SELECT_10 = 0x55
+    RESERVE_10 = 0x56
+    RELEASE_10 = 0x57
+    MODE_SENSE_10 = 0x5A
+    PERSISTENT_RESERVE_IN = 0x5E
+    PERSISTENT_RESERVE_OUT = 0x5F
+    EXTENDED_COPY = 0x83
+    RECEIVE_COPY_RESULTS = 0x84
+    READ_16 = 0x88
+    COMPARE_AND_WRITE = 0x89
+    WRITE_16 = 0x8A
+    ORWRITE_16 = 0x8B
+    WRITE_AND_VERIFY_16 = 0x8E
+    VERIFY_16 = 0x8F
+    PRE_FETCH_16 = 0x90
+    SYNCHRONIZE_CACHE_16 = 0x91
+    WRITE_SAME_16 = 0x93
+    WRITE_ATOMIC_16 = 0x9C  # SBC-4 5.48
+    SERVICE_ACTION_IN_16 = 0x9E
+    SERVICE_ACTION_OUT_16 = 0x9F
+    REPORT_LUNS = 0xA0
+    MAINTENANCE_IN = 0xA3
+    MAINTENANCE_OUT = 0xA4
+    READ_12 = 0xA8
+    WRITE_12 = 0xAA
+    READ_DEFECT_DATA_12 = 0xB7
+    WRITE_AND_VERIFY_12 = 0xAE
+    VERIFY_12 = 0xAF
+
+
+class ServiceActionIn16(IntEnum):
+    """SBC-3 5.1 Table 13: SERVICE ACTION IN(16) service actions."""
+
+    READ_CAPACITY_16 = 0x10
+    GET_LBA_STATUS = 0x12
+
+
+class MaintenanceIn(IntEnum):
+    """SPC-4 Annex E.3.2: MAINTENANCE IN service actions."""
+
+    REPORT_TARGET_PORT_GROUPS = 0x0A
+    REPORT_SUPPORTED_OPERATION_CODES = 0x0C
+    REPORT_SUPPORTED_TASK_MANAGEMENT_FUNCTIONS = 0x0D
+
+
+class SanitizeAction(IntEnum):
+    """SBC-4 5.30.1 Table 92: SANITIZE service actions."""
+
+    OVERWRITE = 0x01
+    BLOCK_ERASE = 0x02
+    CRYPTOGRAPHIC_ERASE = 0x03
+    EXIT_FAILURE_MODE = 0x1F
+
+
+class PrInAction(IntEnum):
+    """SPC-4 6.15.1 Table 165: PERSISTENT RESERVE IN service actions."""
+
+    READ_KEYS = 0x00
+    READ_RESERVATION = 0x01
+    REPORT_CAPABILITIES = 0x02
+    READ_FULL_STATUS = 0x03
+
+
+class PrOutAction(IntEnum):
+    """SPC-4 6.16.1 Table 182: PERSISTENT RESERVE OUT service actions."""
+
+    REGISTER = 0x00
+    RESERVE = 0x01
+    RELEASE = 0x02
+    CLEAR = 0x03
+    PREEMPT = 0x04
+    PREEMPT_AND_ABORT = 0x05
+    REGISTER_AND_IGNORE_EXISTING_KEY = 0x06
+    REGISTER_AND_MOVE = 0x07
+    REPLACE_LOST_RESERVATION = 0x08
+
+
+class PrType(IntEnum):
+    """SPC-4 6.15.3.3 Table 169: persistent reservation types."""
+
+    WRITE_EXCLUSIVE = 0x1
+    EXCLUSIVE_ACCESS = 0x3
+    WRITE_EXCLUSIVE_REGISTRANTS_ONLY = 0x5
+    EXCLUSIVE_ACCESS_REGISTRANTS_ONLY = 0x6
+    WRITE_EXCLUSIVE_ALL_REGISTRANTS = 0x7
+    EXCLUSIVE_ACCESS_ALL_REGISTRANTS = 0x8
+
+
+class PeripheralDeviceType(IntEnum):
+    """SPC-4 6.4.2 Table 141 (subset)."""
+
+    DIRECT_ACCESS_BLOCK = 0x00
+    UNKNOWN_OR_NO_DEVICE = 0x1F
+
+
+class PeripheralQualifier(IntEnum):
+    """SPC-4 6.4.2 Table 140."""
+
+    CONNECTED = 0b000
+    NOT_CONNECTED = 0b001
+    NOT_SUPPORTED = 0b011
+
+
+class VpdPage(IntEnum):
+    """SPC-4 7.8.1 Table 581 and SBC-3 6.5.1 Table 181."""
+
+    SUPPORTED_VPD_PAGES = 0x00
+    UNIT_SERIAL_NUMBER = 0x80
+    DEVICE_IDENTIFICATION = 0x83
+    EXTENDED_INQUIRY_DATA = 0x86
+    BLOCK_LIMITS = 0xB0
+    BLOCK_DEVICE_CHARACTERISTICS = 0xB1
+    LOGICAL_BLOCK_PROVISIONING = 0xB2
+
+
+class ModePage(IntEnum):
+    """SPC-4 7.5.2 / SBC-3 6.4 mode page codes."""
+
+    READ_WRITE_ERROR_RECOVERY = 0x01
+    DISCONNECT_RECONNECT = 0x02
+    CACHING = 0x08
+    CONTROL = 0x0A
+    INFORMATIONAL_EXCEPTIONS_CONTROL = 0x1C
+    ALL_PAGES = 0x3F
+
+
+class PageControl(IntEnum):
+    """SPC-4 6.11.1 Table 149: the PC field of MODE SENSE."""
+
+    CURRENT = 0
+    CHANGEABLE = 1
+    DEFAULT = 2
+    SAVED = 3
+
+
+BLOCK_SIZE = 512
+"""Logical block length in bytes (the LU always uses 512-byte blocks)."""

@@ -1,0 +1,14 @@
+"""Block storage under the SCSI layer: the BlockDevice contract and its implementations.
+
+Nothing here knows SCSI or iSCSI.  Modules::
+
+    device    the BlockDevice protocol, WouldBlock, range helpers
+    file      FileDevice: a regular file or block device (preadv/pwritev, RWF_NOWAIT,
+              hole punching, SEEK_DATA/SEEK_HOLE extents)
+    memory    MemoryDevice: a sparse RAM disk for tests
+    volatile  VolatileCacheDevice: a write-back cache that loses unflushed data on
+              power_cut(), for durability tests
+
+Errors are OSError with the operating system's errno; the SCSI layer maps them
+to sense data (ENOSPC/EDQUOT -> SPACE ALLOCATION FAILED WRITE PROTECT, ...).
+"""
