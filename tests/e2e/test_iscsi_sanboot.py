@@ -14,6 +14,7 @@ import re
 import secrets
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,9 +84,24 @@ def san_lab(tmp_path: Path) -> Iterator[SanLab]:
 def _sanboot(lab: SanLab, firmware: str) -> None:
     info = json.loads(lab.mobinux("node", "show", "pc21", "--json"))["iscsi"]
     server = lab.serve()
-    with run_vm(lab.ns, lab.ns.taps[0], MAC, firmware, BOOT_TIMEOUT, workdir=lab.work) as vm:  # type: ignore[arg-type]
-        console = vm.wait_for(lab.marker)
-        status = json.loads(lab.mobinux("status", "--json"))
+    # Watch `mobinux status` while the VM boots: under UEFI, iPXE logs out when the
+    # kernel takes over (ExitBootServices), so the session is gone by the end.
+    seen: list[dict[str, object]] = []
+    done = threading.Event()
+
+    def watch_status() -> None:
+        while not done.is_set():
+            seen.extend(json.loads(lab.mobinux("status", "--json"))["iscsi_sessions"])
+            done.wait(0.3)
+
+    watcher = threading.Thread(target=watch_status, daemon=True)
+    watcher.start()
+    try:
+        with run_vm(lab.ns, lab.ns.taps[0], MAC, firmware, BOOT_TIMEOUT, workdir=lab.work) as vm:  # type: ignore[arg-type]
+            console = vm.wait_for(lab.marker)
+    finally:
+        done.set()
+        watcher.join(timeout=30)
     # The disk's own boot loader ran, not a network kernel: syslinux prints its banner
     # (BIOS, SERIAL in its config); syslinux.efi draws "Loading vmlinuz" on the EFI console.
     text = re.sub(r"\x1b\[[0-9;=]*[A-Za-z]", "", console)
@@ -93,9 +109,8 @@ def _sanboot(lab: SanLab, firmware: str) -> None:
     log = server.log()
     # the session was opened with the node's own initiator name, to the node's own target
     assert info["initiator"] in log and info["target"] in log, log[-3000:]
-    sessions = status["iscsi_sessions"]
     assert any(s["initiator"] == info["initiator"] and s["target"] == info["target"]
-               and s["node"] == "pc21" for s in sessions), sessions
+               and s["node"] == "pc21" for s in seen), seen
 
 
 def test_bios_sanboot_from_mobinux_target(san_lab: SanLab) -> None:

@@ -544,8 +544,6 @@ def test_mode_select_wce0_makes_later_plain_writes_durable(tmp_path: Path) -> No
     assert data[128 * KiB :] == rig.old[128 * KiB :]
 
 
-@pytest.mark.xfail(strict=True, reason="MODE SELECT WCE=1->0 does not write back the cache "
-                   "(scsi/spc.py mode_select): data cached before the switch stays volatile")
 def test_mode_select_wce0_writes_back_what_was_cached(tmp_path: Path) -> None:
     """Turning the write cache off must not leave acknowledged data in it.
 
@@ -562,8 +560,6 @@ def test_mode_select_wce0_writes_back_what_was_cached(tmp_path: Path) -> None:
     assert rig.path.read_bytes()[: 64 * KiB] == pattern(0xF1, 64 * KiB)
 
 
-@pytest.mark.xfail(strict=True, reason="UNMAP ignores WCE=0 (scsi/sbc.py unmap never flushes, "
-                   "unlike WRITE SAME with UNMAP=1): the unmap stays volatile")
 def test_write_cache_off_makes_unmap_durable(tmp_path: Path) -> None:
     """With WCE=0 no SYNCHRONIZE CACHE follows, so an acknowledged UNMAP must already be on the media.
 

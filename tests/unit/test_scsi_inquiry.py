@@ -133,7 +133,13 @@ def test_block_limits_page() -> None:
     assert struct.unpack_from(">H", data, 2)[0] == 0x3C
     assert data[4] & 0x01 == 0  # WSNZ=0
     assert data[5] == 255  # MAXIMUM COMPARE AND WRITE LENGTH
-    (max_transfer,) = struct.unpack_from(">I", data, 8)
+    (max_transfer, optimal_transfer) = struct.unpack_from(">II", data, 8)
+    # Linux sd uses OPTIMAL TRANSFER LENGTH as its request size only if it is a
+    # multiple of the page size and at most MAXIMUM TRANSFER LENGTH.
+    assert optimal_transfer == s.lu.limits.optimal_transfer == 2048
+    assert (optimal_transfer * BS) % 4096 == 0 and optimal_transfer <= max_transfer
+    granularity = struct.unpack_from(">H", data, 6)[0]
+    assert optimal_transfer % granularity == 0
     max_unmap, max_desc = struct.unpack_from(">II", data, 20)
     (max_ws,) = struct.unpack_from(">Q", data, 36)
     assert max_transfer == s.lu.limits.max_transfer

@@ -6,7 +6,9 @@ import struct
 
 import pytest
 
+from mobinux.scsi import ScsiTarget
 from mobinux.scsi.sense import parse_sense
+from mobinux.storage.volatile import VolatileCacheDevice
 from tests.unit.test_scsi_harness import (
     BS,
     DATA_PROTECT,
@@ -206,3 +208,59 @@ def test_lun_reset_restores_default_mode_pages() -> None:
     s.target.lun_reset(0, NEXUS)
     s.run(tur(), clear_ua=False)  # consumes the reset UA
     assert not s.good(mode_sense6(0x3F))[2] & 0x80
+
+
+# -- turning the write cache off writes it back (SBC-3 4.15) --------------------------------
+
+
+def _caching_params(s: Scsi, *, wce: bool) -> bytes:
+    page = bytearray(_pages(s.good(mode_sense6(0x08, dbd=True)), 4)[0x08])
+    page[2] = (page[2] & ~0x04 & 0xFF) | (0x04 if wce else 0)
+    return bytes(4) + bytes(page)
+
+
+def _cached_scsi(*, write_cache: bool = True) -> tuple[Scsi, VolatileCacheDevice]:
+    s = Scsi(write_cache=write_cache)
+    cache = VolatileCacheDevice(s.dev)
+    s.lu.device = cache
+    return s, cache
+
+
+def test_mode_select_wce_off_writes_back_what_was_cached() -> None:
+    """An initiator that sees write-through sends no more SYNCHRONIZE CACHE."""
+    s, cache = _cached_scsi()
+    s.good(write10(0, 2), b"c" * 2 * BS)
+    assert cache.dirty_bytes == 2 * BS
+    params = _caching_params(s, wce=False)
+    s.good(mode_select6(len(params)), params)
+    assert cache.dirty_bytes == 0
+    cache.power_cut()
+    assert s.read(0, 2) == b"c" * 2 * BS
+
+
+@pytest.mark.parametrize("write_cache", [True, False])
+def test_mode_select_that_leaves_wce_off_or_turns_it_on_does_not_flush(write_cache: bool) -> None:
+    s = Scsi(write_cache=write_cache)
+    before = s.dev.flush_count
+    params = _caching_params(s, wce=True)  # no change, or 0 -> 1
+    s.good(mode_select6(len(params)), params)
+    params = bytes(4) + _control_page(s, d_sense=True)
+    s.good(mode_select6(len(params)), params)
+    assert s.dev.flush_count == before
+
+
+def test_lun_reset_that_turns_the_write_cache_off_writes_it_back() -> None:
+    s, cache = _cached_scsi(write_cache=False)
+    params = _caching_params(s, wce=True)
+    s.good(mode_select6(len(params)), params)
+    s.good(write10(3, 1), b"r" * BS)
+    assert cache.dirty_bytes == BS
+    s.target.lun_reset(0, NEXUS)  # back to the default: WCE=0
+    assert cache.dirty_bytes == 0
+    assert not s.lu.mode.wce
+
+
+def test_mode_select_runs_off_the_event_loop() -> None:
+    """It may flush, so the transport runs it in a thread like other media commands."""
+    assert ScsiTarget.touches_media(mode_select6(28))
+    assert ScsiTarget.touches_media(mode_select10(28))

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from mobinux.storage.volatile import VolatileCacheDevice
 from tests.unit.test_scsi_harness import (
     BS,
     DATA_PROTECT,
@@ -51,6 +52,21 @@ def test_unmap_makes_blocks_read_zero() -> None:
     for lba in range(16):
         block = data[lba * BS : (lba + 1) * BS]
         assert block == (bytes(BS) if lba in (2, 3, 4, 10) else b"a" * BS)
+
+
+@pytest.mark.parametrize("write_cache", [True, False])
+def test_unmap_is_durable_when_the_write_cache_is_off(write_cache: bool) -> None:
+    """WCE=0: no SYNCHRONIZE CACHE follows, so the unmap must be on the media at GOOD."""
+    s = Scsi(write_cache=write_cache)
+    s.write(0, b"a" * 8 * BS)
+    cache = VolatileCacheDevice(s.dev)
+    s.lu.device = cache
+    params = unmap_params((2, 3))
+    s.good(unmap(len(params)), params)
+    assert s.read(2, 3) == bytes(3 * BS)
+    assert cache.dirty_bytes == (3 * BS if write_cache else 0)
+    cache.power_cut()
+    assert s.read(2, 3) == (b"a" * 3 * BS if write_cache else bytes(3 * BS))
 
 
 def test_unmap_zero_length_list_and_zero_block_descriptors_are_good() -> None:

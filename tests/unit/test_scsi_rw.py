@@ -47,6 +47,13 @@ def _pattern(blocks: int, seed: int = 1) -> bytes:
     return bytes((i * 7 + seed) & 0xFF for i in range(blocks * BS))
 
 
+def _big_pattern(blocks: int, seed: int = 1) -> bytes:
+    """Like _pattern, quickly for tens of MiB: every block differs from its neighbours."""
+    return b"".join(
+        (lba + seed).to_bytes(8, "big") * (BS // 8) for lba in range(blocks)
+    )
+
+
 @pytest.mark.parametrize("write", WRITES)
 @pytest.mark.parametrize("read", READS)
 def test_every_write_reads_back_with_every_read(write, read) -> None:  # type: ignore[no-untyped-def]
@@ -87,12 +94,49 @@ def test_write_beyond_end_is_lba_out_of_range_and_writes_nothing(cdb: bytes) -> 
     assert s.good(read16(99, 1)) == bytes(BS)
 
 
-def test_transfer_longer_than_block_limits_is_invalid_field() -> None:
-    s = Scsi(blocks=100_000)
+# -- transfer length limits (inquiry.BlockLimits) --------------------------------------------
+
+
+def test_read_longer_than_maximum_transfer_length_succeeds() -> None:
+    """Old iPXE ignores VPD B0h and reads a whole 14 MB kernel in one READ when UEFI sanboots."""
+    s = Scsi(blocks=70_000)
+    data = _big_pattern(30_000)
+    s.write(0, data)
+    assert s.lu.limits.max_transfer < 30_000
+    assert s.good(read16(0, 30_000)) == data
+    assert s.good(read12(0, 30_000)) == data
+    assert s.good(read10(40_000, 30_000)) == bytes(30_000 * BS)
+    # Still refused beyond the capacity, before reading anything.
+    assert s.check(read16(40_001, 30_000)).asc == 0x21
+
+
+@pytest.mark.parametrize("write", [write12, write16])
+def test_write_longer_than_the_data_out_limit_is_invalid_field(write) -> None:  # type: ignore[no-untyped-def]
+    s = Scsi(blocks=70_000)
+    assert s.lu.limits.max_write_transfer == 65536  # 32 MiB
+    sense = s.check(write(0, 70_000), bytes(70_000 * BS))
+    assert (sense.key, sense.asc, sense.ascq) == (ILLEGAL_REQUEST, 0x24, 0x00)
+    assert sense.sks == bytes((0xC0, 0, 6 if write is write12 else 10))  # TRANSFER LENGTH
+    assert s.dev.extents(0, 70_000 * BS) == [(0, 70_000 * BS, False)]  # nothing written
+
+
+def test_write_up_to_the_data_out_limit_succeeds() -> None:
+    """Above the advertised MAXIMUM TRANSFER LENGTH, but within what one command may buffer."""
+    s = Scsi(blocks=70_000)
+    blocks = s.lu.limits.max_write_transfer
+    assert blocks > s.lu.limits.max_transfer
+    data = _big_pattern(blocks, seed=5)
+    s.good(write16(10, blocks), data)
+    assert s.read(10, blocks) == data
+
+
+def test_verify_and_write_atomic_keep_the_maximum_transfer_length() -> None:
+    s = Scsi(blocks=70_000)
     too_many = s.lu.limits.max_transfer + 1
-    sense = s.check(read16(0, too_many))
-    assert sense.asc == 0x24
-    assert sense.sks == bytes((0xC0, 0, 10))  # the TRANSFER LENGTH field
+    assert s.check(verify16(0, too_many)).sks == bytes((0xC0, 0, 10))
+    sense = s.check(write_atomic16(0, too_many), bytes(too_many * BS))
+    assert sense.sks == bytes((0xC0, 0, 12))
+    s.good(verify16(0, s.lu.limits.max_transfer))
 
 
 @pytest.mark.parametrize("protect", range(1, 8))

@@ -31,6 +31,9 @@ class Command:
     nexus: str
     nowait: bool
     buffer: bytearray | None
+    # A piece after the first of a READ split by ScsiTarget.split_read: the
+    # command was admitted by its first piece (unit attention, reservations).
+    continued: bool = False
 
     def data_in_buffer(self, length: int) -> memoryview:
         """A writable view of *length* bytes: the lent buffer if it is big enough."""

@@ -127,9 +127,31 @@ def device_identification(identity: Identity) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class BlockLimits:
-    """The SBC-3 6.5.3 block limits the LU enforces (in logical blocks)."""
+    """The SBC-3 6.5.3 block limits the LU advertises and enforces (in logical blocks).
 
-    max_transfer: int = 16384  # 8 MiB per READ/WRITE
+    Transfer lengths, and where we knowingly accept more than we advertise:
+
+    * ``max_transfer`` is the MAXIMUM TRANSFER LENGTH of VPD B0h, which Linux
+      honours (it caps its requests at ``optimal_transfer``).  VERIFY and WRITE
+      ATOMIC are held to it (MAXIMUM ATOMIC TRANSFER LENGTH is the same value).
+    * READ(6/10/12/16) of any length within the capacity is accepted, as tgt
+      does: iPXE before 2023 ignores VPD B0h and, when UEFI sanboots, reads a
+      whole file in one READ (a 14 MB kernel is ~28,000 blocks).  A read needs
+      no data-out buffered and changes no state, so the transport may split it
+      (``ScsiTarget.split_read``) and stream it in pieces.
+    * Commands whose Data-Out must be held whole before they run (WRITE, WRITE
+      AND VERIFY, ORWRITE) are refused above ``max_write_transfer`` with
+      INVALID FIELD IN CDB: 32 MiB, also lenient towards initiators that send
+      more than ``max_transfer``, while bounding what one command buffers.
+    * COMPARE AND WRITE and WRITE SAME have their own limits below.
+    """
+
+    max_transfer: int = 16384  # MAXIMUM TRANSFER LENGTH: 8 MiB
+    # OPTIMAL TRANSFER LENGTH: 1 MiB.  Linux sd makes this its largest request
+    # (max_sectors_kb) and its io_opt (readahead 2 x io_opt); a piece of this
+    # size fits the largest read buffer the iSCSI layer pools.
+    optimal_transfer: int = 2048
+    max_write_transfer: int = 65536  # 32 MiB of Data-Out per command, enforced
     optimal_granularity: int = 8  # 4 KiB: the file systems under us allocate in 4 KiB blocks
     max_compare_and_write: int = 255
     max_unmap_lba_count: int = 0x100000  # 512 MiB per UNMAP descriptor
@@ -146,7 +168,7 @@ def block_limits(limits: BlockLimits) -> bytes:
     body[1] = limits.max_compare_and_write
     struct.pack_into(">H", body, 2, limits.optimal_granularity)
     struct.pack_into(">I", body, 4, limits.max_transfer)
-    struct.pack_into(">I", body, 8, 0)  # OPTIMAL TRANSFER LENGTH: not reported
+    struct.pack_into(">I", body, 8, limits.optimal_transfer)
     struct.pack_into(">I", body, 12, limits.max_transfer)  # MAXIMUM PREFETCH LENGTH
     struct.pack_into(">I", body, 16, limits.max_unmap_lba_count)
     struct.pack_into(">I", body, 20, limits.max_unmap_descriptors)

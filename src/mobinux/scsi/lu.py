@@ -41,6 +41,9 @@ _HANDLERS: dict[tuple[int, int | None], spc.Handler] = {
 # (REQUEST SENSE reports it as its data and clears it; see spc.request_sense.)
 _UA_EXEMPT = frozenset((Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE))
 
+# The commands ScsiTarget.split_read splits; only these honour Command.continued.
+READ_OPCODES = frozenset((Opcode.READ_6, Opcode.READ_10, Opcode.READ_12, Opcode.READ_16))
+
 # Commands that need the medium (SBC-3 4.x: NOT READY / MEDIUM NOT PRESENT otherwise)
 # are the ones whose handler calls LogicalUnit.check_ready().
 
@@ -150,8 +153,11 @@ class LogicalUnit:
         self.limits: BlockLimits = limits or BlockLimits()
         # LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT (SBC-3 5.17 Table 66).  0,
         # not the 3 the 4 KiB blocks underneath would suggest: libiscsi's
-        # GetLBAStatus.UnmapSingle only passes with one block per physical block,
-        # and the VPD B0h optimal granularities already tell initiators about 4 KiB.
+        # GetLBAStatus.UnmapSingle only passes with one block per physical block
+        # (it asks GET LBA STATUS at LBA n+1 and wants the first descriptor at
+        # n+LBPPB, where SBC-3 5.16 puts it at the LBA asked for), and the VPD
+        # B0h optimal granularities already tell initiators about 4 KiB.  With 3,
+        # WriteSame10/16 and CompareAndWrite pass and run their LBPPB >= 2 tests.
         self.physical_block_exponent = 0
         self.standard_inquiry = inquiry.standard(self.identity, removable=removable)
         self.lock = threading.Lock()
@@ -243,14 +249,28 @@ class LogicalUnit:
         RESERVE(6) is released, PREVENT ALLOW state is cleared, mode pages go
         back to their defaults (there are no saved values); persistent
         reservations survive.  Every nexus gets a unit attention.
+
+        If that turns the write cache off (an LU made with ``write_cache=False``
+        whose initiator had switched it on), the cache is written back first,
+        as MODE SELECT does (spc.mode_select), blocking the caller for the
+        flush.  Unlike MODE SELECT, a reset does not wait in ``self.gate`` for
+        commands in flight: it is a task management function, often sent
+        because I/O hangs, and the transport may call it from its event loop.
         """
         with self.lock:
+            was_caching = self.mode.wce
             self.reservations.reset()
             self.prevented_by.clear()
             self.mode.reset()
             for pending in self._ua.values():
                 pending.clear()
                 pending.append(asc)
+            write_back = was_caching and not self.mode.wce
+        if write_back:
+            try:
+                self.device.flush()
+            except OSError as exc:
+                log.warning("write-back on reset of %r failed: %s", self.device, exc)
 
     def power_on_reset(self) -> None:
         """A power cycle (TARGET COLD RESET): a reset that also forgets PR state and
@@ -282,7 +302,11 @@ class LogicalUnit:
         try:
             cdb = cmd.cdb
             op = cdb[0]
-            if op not in _UA_EXEMPT:
+            # A later piece of a split READ is part of a command its first piece
+            # already admitted: a unit attention or reservation established
+            # meanwhile is for the next command, as it would be for the whole READ.
+            continued = cmd.continued and op in READ_OPCODES
+            if op not in _UA_EXEMPT and not continued:
                 asc = self._ua_pending(cmd.nexus)
                 if asc is not None:
                     raise CheckCondition(SenseKey.UNIT_ATTENTION, asc)
@@ -299,7 +323,7 @@ class LogicalUnit:
             if bad is not None:
                 raise invalid_cdb(*bad)
             writing = spec.access is Access.WRITE
-            if (
+            if not continued and (
                 self.reservations.reserved_by is not None
                 or self.reservations.reservation is not None
             ):
@@ -328,4 +352,4 @@ class LogicalUnit:
             return ScsiResult(Status.CHECK_CONDITION, b"", cc.sense(descriptor=self.mode.d_sense))
 
 
-__all__ = ["LogicalUnit", "ScsiResult", "WriteGate"]
+__all__ = ["READ_OPCODES", "LogicalUnit", "ScsiResult", "WriteGate"]

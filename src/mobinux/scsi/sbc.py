@@ -90,18 +90,26 @@ def read_capacity_16(lu: LogicalUnit, cmd: Command) -> ScsiResult:
 # -- helpers shared by the data commands --------------------------------------------------
 
 
-def _rw_checked(lu: LogicalUnit, cmd: Command, *, limit: int | None = None) -> Rw:
+def _rw_checked(lu: LogicalUnit, cmd: Command, *, limit: int | None) -> Rw:
+    """Decode and check the LBA range; *limit* (None: none) caps the transfer length.
+
+    Which command has which limit: see ``inquiry.BlockLimits``.
+    """
     rw = decode_rw(cmd.cdb)
     lu.check_ready()
     lu.check_range(rw.lba, rw.blocks)
-    maximum = lu.limits.max_transfer if limit is None else limit
-    if rw.blocks > maximum:
+    if limit is not None and rw.blocks > limit:
         raise invalid_cdb(rw.len_byte)
     return rw
 
 
 def _durable(lu: LogicalUnit, rw_fua: bool) -> bool:
-    """Must this write reach stable storage before completing? (SBC-3 4.15, FUA / WCE=0)."""
+    """Must this write reach stable storage before completing? (SBC-3 4.15, FUA / WCE=0).
+
+    Asked inside ``lu.gate``: MODE SELECT switches WCE off in exclusive mode
+    and then flushes, so a write that saw WCE=1 has reached the cache before
+    that flush, and one that sees WCE=0 flushes by itself.
+    """
     return rw_fua or not lu.mode.wce
 
 
@@ -109,7 +117,12 @@ def _durable(lu: LogicalUnit, rw_fua: bool) -> bool:
 
 
 def read(lu: LogicalUnit, cmd: Command) -> ScsiResult:
-    rw = _rw_checked(lu, cmd)
+    """READ(6/10/12/16): any length within the capacity (no MAXIMUM TRANSFER LENGTH check).
+
+    The data is read into one buffer of the whole transfer; a transport that
+    must not hold that much splits the command first (``ScsiTarget.split_read``).
+    """
+    rw = _rw_checked(lu, cmd, limit=None)
     length = rw.blocks * BLOCK_SIZE
     if length == 0:
         return good()
@@ -137,14 +150,14 @@ def _write_payload(cmd: Command, rw: Rw) -> memoryview:
 
 def write(lu: LogicalUnit, cmd: Command) -> ScsiResult:
     lu.check_writable()
-    rw = _rw_checked(lu, cmd)
+    rw = _rw_checked(lu, cmd, limit=lu.limits.max_write_transfer)
     payload = _write_payload(cmd, rw)
     if not payload:
         return good()
-    durable = _durable(lu, rw.fua)
-    if durable and cmd.nowait:
-        raise WouldBlock  # a flush always blocks
     with lu.gate.shared(nowait=cmd.nowait):
+        durable = _durable(lu, rw.fua)
+        if durable and cmd.nowait:
+            raise WouldBlock  # a flush always blocks
         lu.device.write(rw.lba * BLOCK_SIZE, payload, nowait=cmd.nowait)
     if durable:
         lu.device.flush()
@@ -158,7 +171,7 @@ def write_atomic(lu: LogicalUnit, cmd: Command) -> ScsiResult:
     meanwhile; a failed write surfaces as a MEDIUM ERROR like any other.
     """
     lu.check_writable()
-    rw = _rw_checked(lu, cmd)
+    rw = _rw_checked(lu, cmd, limit=lu.limits.max_transfer)  # MAXIMUM ATOMIC TRANSFER LENGTH
     payload = _write_payload(cmd, rw)
     if not payload:
         return good()
@@ -176,7 +189,7 @@ def write_and_verify(lu: LogicalUnit, cmd: Command) -> ScsiResult:
     medium returns unless it failed, and a failure surfaces as an OSError.
     """
     lu.check_writable()
-    rw = _rw_checked(lu, cmd)
+    rw = _rw_checked(lu, cmd, limit=lu.limits.max_write_transfer)
     payload = _write_payload(cmd, rw)
     if not payload:
         return good()
@@ -194,7 +207,7 @@ def verify(lu: LogicalUnit, cmd: Command) -> ScsiResult:
     bytchk = (cdb[1] >> 1) & 0x03
     if bytchk == 0b10:
         raise invalid_cdb(1, 2)
-    rw = _rw_checked(lu, cmd)
+    rw = _rw_checked(lu, cmd, limit=lu.limits.max_transfer)
     if rw.blocks == 0:
         return good()
     length = rw.blocks * BLOCK_SIZE
@@ -253,7 +266,7 @@ def compare_and_write(lu: LogicalUnit, cmd: Command) -> ScsiResult:
 def orwrite(lu: LogicalUnit, cmd: Command) -> ScsiResult:
     """SBC-3 5.12 ORWRITE(16) with the default "OR the data-out into the blocks"."""
     lu.check_writable()
-    rw = _rw_checked(lu, cmd)
+    rw = _rw_checked(lu, cmd, limit=lu.limits.max_write_transfer)
     payload = _write_payload(cmd, rw)
     if not payload:
         return good()
@@ -316,7 +329,8 @@ def write_same(lu: LogicalUnit, cmd: Command) -> ScsiResult:
                 n = min(len(chunk), length - pos)
                 lu.device.write(offset + pos, memoryview(chunk)[:n])
                 pos += n
-    if _durable(lu, False):
+        durable = _durable(lu, False)
+    if durable:
         lu.device.flush()
     return good()
 
@@ -345,9 +359,17 @@ def unmap(lu: LogicalUnit, cmd: Command) -> ScsiResult:
         lu.check_range(lba, blocks)
         if blocks:
             ranges.append((lba, blocks))
+    if not ranges:
+        return good()
     with lu.gate.shared(nowait=False):
         for lba, blocks in ranges:
             lu.device.discard(lba * BLOCK_SIZE, blocks * BLOCK_SIZE)
+        durable = _durable(lu, False)
+    if durable:
+        # SBC-3 4.15: with WCE=0 no SYNCHRONIZE CACHE follows, so the unmap must
+        # be on the media before GOOD, as for WRITE SAME with UNMAP=1 above;
+        # otherwise the blocks (LBPRZ=1: read as zeros) come back after a power loss.
+        lu.device.flush()
     return good()
 
 

@@ -186,11 +186,22 @@ def mode_select(lu: LogicalUnit, cmd: Command) -> ScsiResult:
         if block_len not in (0, BLOCK_SIZE):
             raise invalid_param(bl_at)
     base = header_len + bd_len
-    with lu.lock:
+    # Exclusive mode of the gate: no write is between deciding whether it must
+    # be durable (which reads WCE) and writing, while WCE changes.
+    with lu.gate.exclusive(), lu.lock:
+        was_caching = lu.mode.wce
         changed = lu.mode.select(data[base:], base)
         if changed:
             # SPC-4 7.5.3: other I_T nexuses learn of the change by unit attention.
             lu.queue_unit_attention_locked(Asc.MODE_PARAMETERS_CHANGED, except_nexus=cmd.nexus)
+        write_back = was_caching and not lu.mode.wce
+    if write_back:
+        # SBC-3 4.15 / 6.4.5: turning the write cache off writes back what it
+        # holds before GOOD.  An initiator that sees write-through stops sending
+        # SYNCHRONIZE CACHE (Linux drops flushes for a queue without a write
+        # cache), so a write acknowledged before the switch would stay volatile.
+        # Writes that start after the switch see WCE=0 and flush by themselves.
+        lu.device.flush()
     return good()
 
 

@@ -6,6 +6,12 @@ Commands addressed to a LUN with no logical unit behind it are answered here
 (SPC-4 6.4.2, 6.29, 6.33 and SAM-5 5.9.4): REPORT LUNS works on any LUN,
 INQUIRY answers "no device here", anything else fails LOGICAL UNIT NOT
 SUPPORTED.
+
+Long reads: READ(6/10/12/16) has no transfer length limit (see
+``inquiry.BlockLimits``), and executing one whole returns all of its data in
+one buffer.  A transport that must not hold that much asks
+:meth:`ScsiTarget.split_read` for READ(16) pieces and executes them one after
+the other; the result is that of the whole READ.
 """
 
 from __future__ import annotations
@@ -14,10 +20,10 @@ import struct
 import threading
 
 from mobinux.scsi import inquiry
-from mobinux.scsi.cdb import u16, u32
+from mobinux.scsi.cdb import decode_rw, u16, u32
 from mobinux.scsi.command import Command, ScsiResult
 from mobinux.scsi.constants import BLOCK_SIZE, Asc, Opcode, SenseKey, Status
-from mobinux.scsi.lu import LogicalUnit
+from mobinux.scsi.lu import READ_OPCODES, LogicalUnit
 from mobinux.scsi.opcodes import lookup, reserved_bits
 from mobinux.scsi.sense import CheckCondition, build_sense, invalid_cdb
 
@@ -36,6 +42,7 @@ _NOWAIT_OPS = frozenset(
     )
 )
 _RW_16_BYTE_LBA = frozenset((Opcode.READ_6, Opcode.WRITE_6))
+_READ_16 = struct.Struct(">BBQIBB")  # READ(16) CDB: opcode, flags, LBA, length, group, control
 
 
 def encode_lun(lun: int) -> bytes:
@@ -92,8 +99,14 @@ class ScsiTarget:
         *,
         nowait: bool = False,
         buffer: bytearray | None = None,
+        continued: bool = False,
     ) -> ScsiResult:
-        """Run one command.  Never raises, except ``storage.device.WouldBlock`` when *nowait*."""
+        """Run one command.  Never raises, except ``storage.device.WouldBlock`` when *nowait*.
+
+        *buffer*: a READ's data goes into it when it is big enough (the result
+        is then a memoryview of it).  *continued*: *cdb* is a piece after the
+        first of a READ split by :meth:`split_read` (ignored for other commands).
+        """
         cdb_bytes = cdb if isinstance(cdb, bytes) else bytes(cdb)
         out = _EMPTY if data_out is None else memoryview(data_out).cast("B")
         lu = self._luns.get(lun) if lun >= 0 else None
@@ -106,7 +119,84 @@ class ScsiTarget:
             return self._report_luns(cdb_bytes, nexus, lu)
         if lu is None:
             return self._no_lu(cdb_bytes)
-        return lu.execute(Command(cdb_bytes, out, nexus, nowait, buffer))
+        return lu.execute(Command(cdb_bytes, out, nexus, nowait, buffer, continued))
+
+    def split_read(
+        self, lun: int, cdb: bytes | bytearray | memoryview, max_blocks: int
+    ) -> list[bytes] | None:
+        """READ(16) CDBs of at most *max_blocks* blocks each that together do the READ *cdb*.
+
+        None means "execute *cdb* whole": it is no READ(6/10/12/16), or it fits
+        in *max_blocks*, or executing it whole fails before reading anything and
+        before allocating a data buffer (no such LU, a CDB the LU refuses, a
+        range beyond the capacity).
+
+        Otherwise the pieces cover consecutive LBAs in order, each with the
+        DPO/FUA/FUA_NV bits, GROUP NUMBER and CONTROL byte of *cdb*.  Execute
+        them in order, the first with ``execute(...)`` and every other one with
+        ``execute(..., continued=True)``, with the same LUN and nexus, and
+        concatenate their data; ``nowait`` and ``buffer`` work per piece.  Stop
+        at the first piece that does not return GOOD and report its status and
+        sense as the command's: that is what the whole READ would report.  The
+        caller may also stop once it has the Expected Data Transfer Length.
+
+        Why that is the same as executing *cdb* whole:
+
+        * The first piece runs every check the whole command runs, in the same
+          order: a pending unit attention is reported (and cleared) by it, as
+          are NOT READY and RESERVATION CONFLICT.  The CDB fields and the range
+          were already checked here, on the whole command.
+        * Continued pieces skip the unit attention and reservation checks: a
+          unit attention or a reservation established while the READ runs
+          concerns the next command, exactly as for the whole READ.
+        * A READ changes no state (no unit attention, mode, reservation or
+          medium state), so running it in pieces leaves the LU as one READ does.
+          A medium error ends the command with the same sense either way; some
+          data of the failed command may then already have gone to the
+          initiator, which it ignores for a command that ended in CHECK CONDITION.
+
+        The one difference: each piece, not the whole READ, is atomic with
+        respect to COMPARE AND WRITE, ORWRITE and WRITE ATOMIC (``lu.gate``),
+        so a concurrent WRITE ATOMIC across a piece boundary may be seen half
+        done.  An initiator relying on read atomicity honours the MAXIMUM
+        TRANSFER LENGTH of VPD B0h; with *max_blocks* at least that, only reads
+        longer than what the LU advertises are split.
+        """
+        if max_blocks < 1:
+            raise ValueError(f"max_blocks must be positive, not {max_blocks}")
+        cdb_bytes = cdb if isinstance(cdb, bytes) else bytes(cdb)
+        if not cdb_bytes or cdb_bytes[0] not in READ_OPCODES:
+            return None
+        lu = self._luns.get(lun) if lun >= 0 else None
+        spec = lookup(cdb_bytes)
+        if (
+            lu is None
+            or spec is None
+            or len(cdb_bytes) < spec.cdb_length
+            or reserved_bits(spec, cdb_bytes) is not None
+        ):
+            return None
+        rw = decode_rw(cdb_bytes)
+        if rw.blocks <= max_blocks or rw.lba + rw.blocks > lu.num_blocks:
+            return None
+        op = cdb_bytes[0]
+        if op == Opcode.READ_6:
+            flags, group = 0, 0  # READ(6) has neither DPO/FUA nor a GROUP NUMBER
+        else:
+            flags = cdb_bytes[1]
+            group = cdb_bytes[6 if op == Opcode.READ_10 else spec.cdb_length - 2]
+        control = cdb_bytes[spec.cdb_length - 1]
+        return [
+            _READ_16.pack(
+                Opcode.READ_16,
+                flags,
+                rw.lba + start,
+                min(max_blocks, rw.blocks - start),
+                group,
+                control,
+            )
+            for start in range(0, rw.blocks, max_blocks)
+        ]
 
     # -- commands answered by the target ----------------------------------------------------
 
