@@ -13,6 +13,9 @@ run so it sits in the page cache. Rows:
 
 Rounds are interleaved (every target and row once, then again) and the best
 round counts, since the same server measured twice differs by up to 15% here.
+Both files are read again before every row: a host that reclaims idle page
+cache (DAMON "pageout" on this VM after ~30 s) would otherwise turn part of a
+later row's reads into disk reads for one target and not the other.
 
 Needs root (network namespaces), libiscsi-bin (iscsi-perf), qemu-utils with
 qemu-block-extra (qemu-img's iscsi driver) and tgt.
@@ -35,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 NS = "mbxiscsibench"
-MOBINUX_PORT, TGT_PORT, TGT_CONTROL = 3260, 3261, 3262
+MOBINUX_PORT, TGT_PORT, TGT_CONTROL = 3260, 3261, 3297  # an unusual control port: no clash with a system tgtd
 TGT_IQN = "iqn.2026-11.org.mobinux.bench:tgt"
 MOBINUX_IQN = "iqn.2026-11.org.mobinux:bench"
 INITIATOR = "iqn.2026-11.org.mobinux.bench:initiator"
@@ -84,7 +87,12 @@ def make_file(path: Path, size: int) -> None:
     with open(path, "wb") as f:
         for _ in range(size // len(chunk)):
             f.write(chunk)
-    with open(path, "rb") as f:  # and read once, so both files are cached
+    warm(path)
+
+
+def warm(path: Path) -> None:
+    """Read the whole file, so that it is in the page cache."""
+    with open(path, "rb") as f:
         while f.read(1 << 22):
             pass
 
@@ -176,6 +184,8 @@ def main() -> int:
         best: dict[tuple[str, str], float] = {}
         for round_no in range(1, args.rounds + 1):
             for row in ROWS:
+                for disk in (mobinux_disk, tgt_disk):
+                    warm(disk)
                 for name, (iqn, port, lun) in servers.items():
                     rate = run_row(row, iqn, port, lun, args.seconds)
                     best[(name, row.name)] = max(best.get((name, row.name), 0.0), rate)

@@ -84,8 +84,7 @@ def san_lab(tmp_path: Path) -> Iterator[SanLab]:
 def _sanboot(lab: SanLab, firmware: str) -> None:
     info = json.loads(lab.mobinux("node", "show", "pc21", "--json"))["iscsi"]
     server = lab.serve()
-    # Watch `mobinux status` while the VM boots: under UEFI, iPXE logs out when the
-    # kernel takes over (ExitBootServices), so the session is gone by the end.
+    # Watch `mobinux status` while the VM boots (the console only tells us when it ends).
     seen: list[dict[str, object]] = []
     done = threading.Event()
 
@@ -109,8 +108,13 @@ def _sanboot(lab: SanLab, firmware: str) -> None:
     log = server.log()
     # the session was opened with the node's own initiator name, to the node's own target
     assert info["initiator"] in log and info["target"] in log, log[-3000:]
-    assert any(s["initiator"] == info["initiator"] and s["target"] == info["target"]
-               and s["node"] == "pc21" for s in seen), seen
+    if firmware == "bios":
+        # iPXE stays resident under BIOS (INT 13h), so its session lives on and
+        # `mobinux status` shows it. Under UEFI iPXE logs out at ExitBootServices,
+        # often within the once-a-second recording interval; the log line above
+        # shows that login.
+        assert any(s["initiator"] == info["initiator"] and s["target"] == info["target"]
+                   and s["node"] == "pc21" for s in seen), seen
 
 
 def test_bios_sanboot_from_mobinux_target(san_lab: SanLab) -> None:

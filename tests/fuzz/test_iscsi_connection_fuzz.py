@@ -105,6 +105,9 @@ def drive(conn: IscsiConnection, chunks: list[bytes], rng: random.Random) -> Non
                 closed += 1
             else:
                 raise AssertionError(f"unexpected event {event!r}")
+        if pending and rng.random() < 0.2:
+            # part of a streamed read (a no-op for anything but a running read)
+            conn.send_data(rng.choice(pending), b"s" * rng.choice([0, 512, 3000]))
         if pending and (rng.random() < 0.5 or pos >= len(stream)):
             task = pending.pop(rng.randrange(len(pending)))
             status = rng.choice([0, 0, 2])
@@ -119,7 +122,9 @@ def drive(conn: IscsiConnection, chunks: list[bytes], rng: random.Random) -> Non
         # bounded state, whatever the initiator does
         assert len(conn._tasks) <= QUEUE_DEPTH + MAX_IMMEDIATE_TASKS  # type: ignore[attr-defined]
         assert len(conn._held) <= QUEUE_DEPTH  # type: ignore[attr-defined]
-        assert conn._reserved <= BUDGET + 8192  # type: ignore[attr-defined]
+        # the budget, plus unsolicited data (FirstBurstLength per command) that cannot be refused
+        unsolicited = (QUEUE_DEPTH + MAX_IMMEDIATE_TASKS) * conn._first_burst  # type: ignore[attr-defined]
+        assert conn._reserved <= BUDGET + unsolicited  # type: ignore[attr-defined]
     assert closed <= 1
     assert reader.buffered == 0, "every byte sent belongs to a complete PDU"
 
@@ -175,3 +180,73 @@ def test_login_phase_with_the_real_login(chunks: list[bytes], seed: int) -> None
             if isinstance(event, LoggedIn):
                 conn.attach(FakeScsi())
         conn.data_to_send()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    mrdsl=st.integers(512, 9000),
+    burst=st.integers(512, 20000),
+    pieces=st.lists(st.integers(0, 12000), min_size=1, max_size=6),
+    edtl=st.integers(0, 60000),
+    fail=st.booleans(),
+    digests=st.booleans(),
+)
+def test_streamed_reads_keep_the_data_in_sequence_rules(
+    mrdsl: int, burst: int, pieces: list[int], edtl: int, fail: bool, digests: bool
+) -> None:
+    """A read in pieces: offsets contiguous from 0, DataSN 0, 1, ..., each PDU within
+    MRDSL, F exactly at MaxBurstLength boundaries and on the last Data-In, status once,
+    the bytes those of the pieces up to the EDTL, and residuals from the total (§11.7)."""
+    conn = attached(
+        initial_r2t=True,
+        initiator_max_recv_data_segment_length=mrdsl,
+        max_burst_length=burst,
+        header_digest=digests,
+        data_digest=digests,
+    )
+    cdb = bytes([0x88]) + bytes(15)
+    conn.receive_data(scsi_cmd(7, 10, cdb, edtl=edtl, read=True, header_digest=digests))
+    task = conn.next_event()
+    assert isinstance(task, Task) and conn.start(task)
+    chunks = [bytes([i + 1]) * n for i, n in enumerate(pieces)]
+    for chunk in chunks[:-1]:
+        conn.send_data(task, chunk)
+    status = 2 if fail else 0
+    sense = b"\x70" + bytes(17) if fail else b""
+    last = b"" if fail else chunks[-1]
+    conn.complete(task, status, last, sense)
+    reader = PduReader(max_data_segment=1 << 24)
+    reader.enable_digests(digests, digests)
+    for buf in conn.data_to_send():
+        reader.feed(buf)
+    pdus = []
+    while (pdu := reader.next_pdu()) is not None:
+        pdus.append(pdu)
+    assert reader.buffered == 0
+    data_in = [p for p in pdus if p.opcode == 0x25]
+    responses = [p for p in pdus if p.opcode == 0x21]
+    produced = b"".join(chunks[:-1]) + last
+    expected = produced[:edtl]
+    assert b"".join(p.data for p in data_in) == expected
+    # The last Data-In ends its sequence when the EDTL is reached or when it came with
+    # the final part; a command that ended early (a failed piece) may leave it open.
+    before_last = min(edtl, len(produced) - len(last))
+    closes = len(expected) == edtl or len(expected) > before_last
+    offset = 0
+    for n, p in enumerate(data_in):
+        assert p.u32(36) == n and p.u32(40) == offset
+        assert 0 < len(p.data) <= mrdsl
+        end = offset + len(p.data)
+        assert offset // burst == (end - 1) // burst, "a PDU never crosses a burst boundary"
+        assert bool(p.flags & 0x80) == (end % burst == 0 or (end == len(expected) and closes))
+        offset = end
+    with_status = [p for p in data_in if p.flags & 0x01] + responses
+    assert len(with_status) == 1, "exactly one status"
+    final = with_status[0]
+    assert final is pdus[-1]
+    assert final.bhs[3] == status
+    if final.opcode == 0x21:
+        assert final.u32(36) == len(data_in)  # ExpDataSN
+    if len(produced) != edtl:
+        assert final.flags & (0x04 if len(produced) > edtl else 0x02)
+        assert final.u32(44) == abs(len(produced) - edtl)

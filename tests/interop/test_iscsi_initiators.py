@@ -11,14 +11,17 @@ import os
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from mobinux.iscsi.aio import IscsiService
 from mobinux.iscsi.params import ChapSecret, TargetLimits
 from mobinux.iscsi.pdu import digest_bytes
 from tests.interop.iscsi_helpers import (
     INITIATOR,
     IQN,
+    Export,
     RawInitiator,
     StaticExports,
     captured_log,
@@ -133,6 +136,90 @@ def test_qemu_io_with_small_segments_and_bursts(tmp_path: Path) -> None:
         ])  # fmt: skip
     data = export.paths[0].read_bytes()
     assert data[MiB : 2 * MiB] == b"\x5a" * MiB and data[3 * MiB : 3 * MiB + 4096] == b"\x6b" * 4096
+
+
+class ReadSpy:
+    """Wraps an export's ScsiTarget.execute: the largest READ it ran, and how much the
+    service's transports held unsent meanwhile (what a long READ may make us buffer)."""
+
+    def __init__(self, export: Export, service: IscsiService) -> None:
+        self.real = export.scsi.execute
+        self.service = service
+        self.reads: list[int] = []  # transfer length of every READ(16) that ran, in blocks
+        self.unsent = 0
+        export.scsi.execute = self  # type: ignore[method-assign]
+
+    def __call__(self, lun: int, cdb: bytes, *args: Any, **kwargs: Any) -> Any:
+        for conn in list(self.service._connections):
+            if conn.transport is not None:
+                self.unsent = max(self.unsent, conn.transport.get_write_buffer_size())
+        result = self.real(lun, cdb, *args, **kwargs)  # WouldBlock: tried again in a thread
+        if cdb[0] == 0x88:
+            self.reads.append(int.from_bytes(cdb[10:14], "big"))
+        return result
+
+
+def filled_export(tmp_path: Path, size: int, *, cold: bool = False) -> tuple[Export, bytes]:
+    """An export full of random bytes; *cold*: not in the page cache (reads go to threads)."""
+    export = file_export(tmp_path, size=size)
+    payload = os.urandom(size)
+    export.paths[0].write_bytes(payload)
+    if cold:
+        fd = os.open(export.paths[0], os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return export, payload
+
+
+def test_a_20_mib_read16_is_streamed_in_bounded_pieces(tmp_path: Path) -> None:
+    """Old iPXE reads whole files in one READ: it is read and sent 1 MiB at a time."""
+    export, payload = filled_export(tmp_path, 24 * MiB, cold=True)
+    length = 20 * MiB
+    with iscsi_service([export]) as srv:
+        spy = ReadSpy(export, srv.service)
+        raw = RawInitiator(srv.port)
+        raw.login(MaxBurstLength="262144")
+        burst = int(raw.negotiated.get("MaxBurstLength", "262144"))
+        assert raw.command(bytes(6))[0] == 2  # TEST UNIT READY: the power-on unit attention
+        itt = raw.next_itt()
+        cdb = bytes([0x88, 0]) + (1024).to_bytes(8, "big") + (length // 512).to_bytes(4, "big") + bytes(2)
+        raw.send(RawInitiator.pdu(0x01, 0xC1, itt=itt, fields={20: length, 24: raw.cmd_sn}, tail=cdb))
+        raw.cmd_sn += 1
+        time.sleep(1.0)  # a slow reader: the target must wait for the socket, not buffer 20 MiB
+        received = bytearray()
+        datasn = 0
+        while True:
+            pdu = raw.recv()
+            assert pdu is not None and pdu.itt == itt and pdu.opcode == 0x25
+            assert pdu.u32(36) == datasn and pdu.u32(40) == len(received)
+            datasn += 1
+            received += pdu.data
+            at_boundary = len(received) % burst == 0 or len(received) == length
+            assert bool(pdu.flags & 0x80) == at_boundary
+            if pdu.flags & 0x01:
+                assert len(received) == length and pdu.bhs[3] == 0 and pdu.flags == 0x81
+                break
+        assert received == payload[1024 * 512 : 1024 * 512 + length]
+        assert raw.nop() is not None
+        raw.close()
+    assert spy.reads == [2048] * 20
+    # Pieces wait while the transport holds more than its 8 MiB high-water mark (here the
+    # slow reader made it hold ~7 MiB besides what the kernel's socket buffers took).
+    assert spy.unsent <= 8 * MiB + 2 * MiB
+
+
+def test_iscsi_perf_reads_of_20_mib(tmp_path: Path) -> None:
+    need("iscsi-perf")
+    export, _ = filled_export(tmp_path, 64 * MiB)
+    with iscsi_service([export]) as srv:
+        spy = ReadSpy(export, srv.service)
+        proc = run(["iscsi-perf", "-i", INITIATOR, "-b", "40000", "-m", "1", "-t", "2", srv.url()],
+                   timeout=60)
+    assert "iops average" in proc.stdout + proc.stderr
+    assert spy.reads and max(spy.reads) <= 2048 and len(spy.reads) >= 20
 
 
 def chap_export(tmp_path: Path, *, mutual: bool) -> StaticExports:

@@ -532,6 +532,107 @@ def test_data_then_check_condition_sends_data_in_without_status() -> None:
     assert out[1].flags & 0x02 and out[1].u32(44) == 512
 
 
+# ---------------------------------------------------------------- reads streamed in pieces
+
+
+READ16_30 = bytes([0x88, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 30, 0, 0])  # 30 blocks = 15360 bytes
+
+
+def header(o: Out) -> tuple[int, int, int, int, int, int]:
+    """(opcode, flags, DataSN, Buffer Offset, length, StatSN) of a target PDU."""
+    return (o.op, o.flags, o.u32(36), o.u32(40), len(o.data), o.stat_sn)
+
+
+def streamed(h: Harness, edtl: int, pieces: list[bytes], status: int = 0, sense: bytes = b"") -> list[Out]:
+    """A READ answered with send_data() for all pieces but the last, then complete()."""
+    h.send(scsi_cmd(7, 10, READ16_30, edtl=edtl, read=True))
+    task = h.task()
+    out: list[Out] = []
+    for piece in pieces[:-1]:
+        h.conn.send_data(task, piece)
+        out += h.collect()
+    return out + h.finish(task, status, pieces[-1], sense)
+
+
+def test_streamed_read_continues_offsets_datasn_and_bursts_across_pieces() -> None:
+    h = Harness(make_params(initiator_max_recv_data_segment_length=4096, max_burst_length=6144))
+    data = bytes(range(256)) * 60  # 15360 bytes in three pieces of 5120
+    out = streamed(h, 15360, [data[:5120], data[5120:10240], data[10240:]])
+    DI = Opcode.SCSI_DATA_IN
+    # Sequences end at 6144 and 12288 whatever the pieces; a PDU never spans a piece,
+    # so the piece ends at 5120 and 10240 cut PDUs short (without the F bit).
+    assert [header(o) for o in out] == [
+        (DI, 0x00, 0, 0, 4096, 0),
+        (DI, 0x00, 1, 4096, 1024, 0),
+        (DI, 0x80, 2, 5120, 1024, 0),
+        (DI, 0x00, 3, 6144, 4096, 0),
+        (DI, 0x80, 4, 10240, 2048, 0),
+        (DI, 0x81, 5, 12288, 3072, 100),  # F+S, GOOD, the only StatSN
+    ]
+    assert out[-1].pdu.bhs[3] == 0 and out[-1].u32(44) == 0
+    assert all(o.itt == 7 and o.u32(20) == RESERVED_TAG for o in out)
+    assert b"".join(o.data for o in out) == data
+    assert h.conn.stat_sn == 101 and h.conn.running == 0
+
+
+def test_streamed_read_matches_one_buffer_when_pieces_end_on_burst_boundaries() -> None:
+    params = make_params(initiator_max_recv_data_segment_length=4096, max_burst_length=6144)
+    data = bytes(range(256)) * 48  # 12288 bytes
+    whole, pieces = Harness(params), Harness(params)
+    whole.send(scsi_cmd(7, 10, READ16_30, edtl=12288, read=True))
+    expected = whole.finish(whole.task(), 0, data)
+    got = streamed(pieces, 12288, [data[:6144], data[6144:]])
+
+    def wire_bytes(o: Out) -> bytes:
+        # MaxCmdSN (bytes 32-35) differs: the window opens only when the command completes.
+        return bytes(o.pdu.bhs[:32]) + bytes(o.pdu.bhs[36:]) + o.data
+
+    assert [wire_bytes(o) for o in got] == [wire_bytes(o) for o in expected]
+    assert bytes(got[-1].pdu.bhs) == bytes(expected[-1].pdu.bhs)
+
+
+def test_streamed_read_failing_later_piece_ends_with_its_check_condition() -> None:
+    h = Harness(make_params(initiator_max_recv_data_segment_length=4096, max_burst_length=8192))
+    sense = bytes([0x70, 0, 3, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x11, 0, 0, 0, 0, 0])  # MEDIUM ERROR
+    out = streamed(h, 15360, [b"p" * 5120, b""], status=2, sense=sense)
+    assert [(o.op, o.flags, o.u32(36), o.u32(40)) for o in out] == [
+        (Opcode.SCSI_DATA_IN, 0x00, 0, 0),
+        (Opcode.SCSI_DATA_IN, 0x00, 1, 4096),
+        (Opcode.SCSI_RESPONSE, 0x80 | 0x02, 2, 0),  # ExpDataSN 2, underflow
+    ]
+    rsp = out[-1]
+    assert rsp.pdu.bhs[3] == 2 and rsp.data == struct.pack("!H", len(sense)) + sense
+    assert rsp.u32(44) == 15360 - 5120 and rsp.stat_sn == 100
+    assert h.conn.stat_sn == 101
+
+
+def test_streamed_read_stops_sending_at_the_expected_length() -> None:
+    h = Harness(make_params(initiator_max_recv_data_segment_length=4096))
+    out = streamed(h, 6000, [b"a" * 5120, b"b" * 5120, b"c" * 5120])
+    data_in = [o for o in out if o.op == Opcode.SCSI_DATA_IN]
+    assert [(o.flags, o.u32(36), o.u32(40), len(o.data)) for o in data_in] == [
+        (0x00, 0, 0, 4096),
+        (0x00, 1, 4096, 1024),
+        (0x80, 2, 5120, 880),  # the EDTL is reached: the last Data-In ends the sequence
+    ]
+    (rsp,) = [o for o in out if o.op == Opcode.SCSI_RESPONSE]
+    assert rsp.flags == 0x80 | 0x04 and rsp.u32(44) == 15360 - 6000  # overflow
+    assert rsp.u32(36) == 3 and rsp.pdu.bhs[3] == 0
+
+
+def test_streamed_read_of_an_aborted_task_sends_nothing_more() -> None:
+    h = Harness()
+    h.send(scsi_cmd(7, 10, READ16_30, edtl=15360, read=True))
+    task = h.task()
+    h.conn.send_data(task, b"x" * 5120)
+    assert [o.op for o in h.collect()] == [Opcode.SCSI_DATA_IN]
+    assert h.send(tmf(20, 1, 11, ref_itt=7)) == []  # ABORT TASK waits for the running task
+    h.conn.send_data(task, b"y" * 5120)
+    assert h.collect() == []
+    out = h.finish(task, 0, b"z" * 5120)
+    assert [o.op for o in out] == [Opcode.TASK_MGMT_RESPONSE]
+
+
 def test_good_status_without_data_is_a_plain_response() -> None:
     h = Harness()
     h.send(scsi_cmd(1, 10, TUR))
@@ -725,6 +826,34 @@ def test_write_budget_defers_solicitation_until_buffers_free() -> None:
     h.send(data_out(1, r2ts(out)[0][0], 0, 0, b"1" * 4096))
     out = h.finish(h.task())
     assert sorted((o.op, o.itt) for o in out) == [(Opcode.SCSI_RESPONSE, 1), (Opcode.R2T, 2)]
+
+
+def test_write_budget_counts_immediate_data_and_serves_commands_in_order() -> None:
+    h = Harness(write_budget=8192)
+    w = lambda itt, sn, edtl, n: scsi_cmd(itt, sn, WRITE10, edtl=edtl, write=True, data=bytes([itt]) * n)  # noqa: E731
+    out = h.send(w(1, 10, 8192, 4096))
+    assert r2ts(out) == [(r2ts(out)[0][0], 0, 4096, 4096)]  # alone: solicited at once
+    # 4096 immediate bytes held by command 2 are counted too: 8192 + 4096 + 4096 > 8192
+    assert h.send(w(2, 11, 8192, 4096)) == []
+    assert h.send(w(3, 12, 4096, 2048)) == []  # and 3 waits behind 2
+    ttt1 = r2ts(out)[0][0]
+    h.send(data_out(1, ttt1, 0, 4096, b"\1" * 4096))
+    (task1,) = h.tasks()
+    assert h.conn.start(task1) and task1.data_out == b"\1" * 8192
+    out = h.finish(task1)
+    assert sorted((o.op, o.itt) for o in out) == [(Opcode.SCSI_RESPONSE, 1), (Opcode.R2T, 2)]
+    h.send(data_out(2, r2ts(out)[0][0], 0, 4096, b"\2" * 4096))
+    (task2,) = h.tasks()
+    assert h.conn.start(task2)
+    out = h.finish(task2)
+    assert sorted((o.op, o.itt) for o in out) == [(Opcode.SCSI_RESPONSE, 2), (Opcode.R2T, 3)]
+    assert r2ts(out)[0][2:] == (2048, 2048)
+
+
+def test_a_command_bigger_than_the_budget_runs_alone() -> None:
+    h = Harness(make_params(immediate_data=False), write_budget=4096)
+    out = h.send(scsi_cmd(1, 10, WRITE10, edtl=16384, write=True))
+    assert [(o.itt, o.u32(40), o.u32(44)) for o in out if o.op == Opcode.R2T] == [(1, 0, 16384)]
 
 
 def test_extended_cdb_and_bidi_read_length_from_ahs() -> None:

@@ -2,25 +2,47 @@
 
 :class:`IscsiService` listens on one TCP port. Each accepted connection gets
 an :class:`~mobinux.iscsi.connection.IscsiConnection` (the protocol) fed from
-``data_received``; this module only carries bytes and runs SCSI commands:
+the socket; this module only carries bytes and runs SCSI commands:
 
-* A command the SCSI layer calls a *nowait candidate* (plain READ/WRITE)
-  runs inline on the event loop with ``nowait=True``: served from the page
-  cache it costs no thread hop. When the storage would block it raises
-  ``WouldBlock`` and the command is re-run in the I/O thread pool. Other
-  commands that touch the media always run in the pool (``io_threads``
-  threads shared by all connections); the rest (INQUIRY, MODE SENSE, ...) run
-  inline. Nothing waits for a disk on the event loop.
+* Bytes are received into one buffer shared by all connections
+  (``BufferedProtocol``: the loop is single-threaded and the core copies what
+  it keeps), not into a fresh 256 KiB ``bytes`` per ``recv`` as
+  ``Protocol.data_received`` does, which cost an mmap/munmap pair per recv.
+* A command the SCSI layer calls a *nowait candidate* (plain READ/WRITE
+  without FUA) runs inline on the event loop with ``nowait=True``, which
+  costs no thread hop: a read served from the page cache, a write the storage
+  admits as a plain page-cache copy (``storage.file.InlineWriteGate``: well
+  below the kernel's dirty-page throttling, edge pages cached, no recent slow
+  write). When the storage would block it raises ``WouldBlock`` and the
+  command is re-run in the I/O thread pool. Other commands that touch the
+  media always run in the pool (``io_threads`` threads shared by all
+  connections); the rest (INQUIRY, MODE SENSE, ...) run inline. Nothing waits
+  for a disk on the event loop.
+
+  Why not a thread per command: on a 2-core VM a hop to a pool thread and back
+  (two cross-thread wake-ups) cost ~300 us per 4 KiB write, more than the
+  rest of the command; writes at queue depth 1 ran at 2,000/s with it and
+  5,000+/s inline (ext4 refuses ``RWF_NOWAIT`` for buffered writes, so the
+  kernel cannot make that choice for us). Batching the pool's work per
+  connection was not done: with inline writes the pool only sees commands
+  that wait for the disk anyway (flushes, FUA, cache misses, throttled
+  writes), where a hop is small next to the wait and one job per batch would
+  queue those waits one behind the other.
 * Inline reads fill buffers from a shared pool of power-of-two sizes (a fresh
   zero-filled 1 MiB bytearray per 4 KiB read cost 20x the IOPS at queue depth
-  32), and all Data-In of one batch of commands goes out with one
-  ``writelines``. A buffer goes back to the pool only when the transport kept
-  no reference to it (Python 3.12+ ``writelines`` may hold memoryviews of
-  unsent data).
+  32), and all Data-In of one batch of commands goes out with one write. A
+  buffer goes back to the pool only when the transport kept no reference to
+  it (Python 3.12+ ``writelines`` may hold memoryviews of unsent data).
+* A READ longer than 1 MiB (old iPXE reads whole files in one command) runs
+  as the SCSI layer's pieces (``ScsiTarget.split_read``), each read into a
+  pooled 1 MiB buffer and sent before the next is read, waiting while the
+  transport is above its high-water mark (:class:`_StreamedRead`): memory per
+  command stays at one piece whatever the transfer length.
 * Reading from a socket pauses while the peer does not drain our writes
   (``pause_writing``, high-water mark 8 MiB: a few large bursts) or while too
   many of its commands are running (``4 * io_threads``). Commands the window
-  admits keep queueing in the kernel's socket buffer meanwhile.
+  admits keep queueing in the kernel's socket buffer meanwhile. What the core
+  buffers of Data-Out is bounded by its write budget (R2Ts wait for room).
 * Every few seconds a tick lets each connection ping an idle initiator
   (NOP-In) and end logins that never finish.
 * Sessions live in a :class:`~mobinux.iscsi.session.SessionRegistry`: a login
@@ -44,6 +66,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
 
@@ -76,6 +99,14 @@ _WRITE_HIGH_WATER = 8 * 1024 * 1024
 _SMALLEST_BUFFER = 64 * 1024
 _LARGEST_BUFFER = 1024 * 1024
 _IDLE_BYTES_PER_SIZE = 8 * 1024 * 1024
+# Every connection receives into one shared buffer (the loop is single-threaded and the core
+# copies what it keeps): no 256 KiB allocation per recv, as with Protocol.data_received.
+_RECEIVE_BUFFER = 256 * 1024
+# A READ longer than this runs as pieces of this size (ScsiTarget.split_read), each sent before
+# the next is read: the largest pooled buffer, and the OPTIMAL TRANSFER LENGTH the LU advertises.
+_PIECE_BYTES = _LARGEST_BUFFER
+_PIECE_BLOCKS = _PIECE_BYTES // 512
+_GOOD = 0x00
 
 
 class Exports(TargetDirectory, Protocol):
@@ -128,6 +159,7 @@ class IscsiService:
         self._inflight: set[asyncio.Future[ScsiResult]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._buffers: dict[int, list[bytearray]] = {}
+        self.receive_buffer = memoryview(bytearray(_RECEIVE_BUFFER))
         self._refused = 0
         self._refused_logged = -1e9
 
@@ -225,7 +257,7 @@ class IscsiService:
                 idle.append(buffer)
 
 
-class _IscsiProtocol(asyncio.Protocol):
+class _IscsiProtocol(asyncio.BufferedProtocol):
     """One TCP connection: feeds the core, runs its tasks, writes its output."""
 
     def __init__(self, service: IscsiService) -> None:
@@ -238,6 +270,7 @@ class _IscsiProtocol(asyncio.Protocol):
         self.nexus = ""
         self.login: Login | None = None
         self._lent: list[bytearray] = []
+        self._drained: list[Callable[[], None]] = []  # streamed reads waiting for resume_writing
         self._write_paused = False
         self._read_paused = False
         self._gone = False
@@ -278,11 +311,14 @@ class _IscsiProtocol(asyncio.Protocol):
         self.core = IscsiConnection(login, service.exports, service.limits)
         service._connections.add(self)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.service.receive_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
         core = self.core
         if core is None:
             return
-        core.receive_data(data)
+        core.receive_data(self.service.receive_buffer[:nbytes])
         self._pump()
 
     def eof_received(self) -> bool:
@@ -300,6 +336,7 @@ class _IscsiProtocol(asyncio.Protocol):
             core.data_to_send()
         self.service._connections.discard(self)
         self._lent.clear()
+        self._drained.clear()
         self._end_session(core.close_reason if core is not None else None)
 
     def pause_writing(self) -> None:
@@ -309,6 +346,12 @@ class _IscsiProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._write_paused = False
         self._update_reading()
+        drained, self._drained = self._drained, []
+        if drained:
+            # Not from inside the transport's write callback: on the next loop iteration.
+            loop = asyncio.get_running_loop()
+            for step in drained:
+                loop.call_soon(step)
 
     # service hooks ------------------------------------------------------
 
@@ -343,7 +386,11 @@ class _IscsiProtocol(asyncio.Protocol):
                 self._closing(event)
         out = core.data_to_send()
         if out and not transport.is_closing():
-            transport.writelines(out)
+            if _WRITELINES_COPIES:
+                # What writelines does before 3.12, without its extra call.
+                transport.write(out[0] if len(out) == 1 else b"".join(out))
+            else:
+                transport.writelines(out)
         if self._lent:
             if _WRITELINES_COPIES or not transport.get_write_buffer_size():
                 self.service.give_buffers(self._lent)
@@ -444,6 +491,15 @@ class _IscsiProtocol(asyncio.Protocol):
             core.complete(task, _CHECK_CONDITION, b"", _SENSE_INTERNAL_FAILURE)
             return
         cdb = task.cdb
+        if task.read and not task.write and _read_blocks(cdb) > _PIECE_BLOCKS:
+            try:
+                pieces = scsi.split_read(task.lun, cdb, _PIECE_BLOCKS)
+            except Exception:
+                self.service.log.exception("split_read failed inside the target")
+                pieces = None
+            if pieces is not None:
+                _StreamedRead(self, scsi, task, pieces).step()
+                return
         try:
             if scsi.is_nowait_candidate(cdb):
                 buffer = self.service.take_buffer(task.read_len) if task.read else None
@@ -458,6 +514,9 @@ class _IscsiProtocol(asyncio.Protocol):
                     return
                 if buffer is not None:
                     self._lent.append(buffer)
+                    if not task.write:  # a plain read: no Data-Out residual to work out
+                        core.complete(task, result.status, result.data, result.sense)
+                        return
             elif scsi.touches_media(cdb):
                 self._in_thread(scsi, task)
                 return
@@ -475,32 +534,159 @@ class _IscsiProtocol(asyncio.Protocol):
         self.core.complete(task, result.status, result.data, result.sense, data_out_used=used)
 
     def _in_thread(self, scsi: ScsiTarget, task: Task) -> None:
+        call = functools.partial(scsi.execute, task.lun, task.cdb, task.data_out, self.nexus)
+        self.submit(call, functools.partial(self._thread_done, task))
+
+    def submit(
+        self,
+        call: Callable[[], ScsiResult],
+        done: Callable[[ScsiResult | None], None],
+    ) -> None:
+        """Run *call* in the I/O threads; *done* gets its result (None: it failed) on the loop."""
         service = self.service
         executor = service._executor
         if executor is None:
             assert self.core is not None
             self.core.close("service stopping")
             return
-        call = functools.partial(scsi.execute, task.lun, task.cdb, task.data_out, self.nexus)
         future = asyncio.get_running_loop().run_in_executor(executor, call)
         service._inflight.add(future)
-        future.add_done_callback(functools.partial(self._thread_done, task))
+        future.add_done_callback(functools.partial(self._future_done, done))
 
-    def _thread_done(self, task: Task, future: asyncio.Future[ScsiResult]) -> None:
+    def _future_done(
+        self, done: Callable[[ScsiResult | None], None], future: asyncio.Future[ScsiResult]
+    ) -> None:
         self.service._inflight.discard(future)
+        result: ScsiResult | None = None
+        if not future.cancelled():
+            if (exc := future.exception()) is not None:
+                self.service.log.error("SCSI command failed inside the target: %r", exc)
+            else:
+                result = future.result()
+        done(result)
+
+    def _thread_done(self, task: Task, result: ScsiResult | None) -> None:
         core = self.core
         if core is None or self._gone:
             return
-        if future.cancelled():
-            core.complete(task, _CHECK_CONDITION, b"", _SENSE_INTERNAL_FAILURE)
-        elif (exc := future.exception()) is not None:
-            self.service.log.error(
-                "SCSI command 0x%02x failed inside the target: %r", task.cdb[0], exc
-            )
+        if result is None:
             core.complete(task, _CHECK_CONDITION, b"", _SENSE_INTERNAL_FAILURE)
         elif self.scsi is not None:
-            self._complete(self.scsi, task, future.result())
+            self._complete(self.scsi, task, result)
         self._pump()
+
+
+class _StreamedRead:
+    """A READ longer than one piece, run as the SCSI layer's pieces and sent piece by piece.
+
+    Old iPXE reads a whole file in one READ (28,000 blocks for a 14 MB
+    kernel), ignoring Block Limits; one buffer per such command, times the
+    commands a connection may run, would be a lot of memory. ``split_read``
+    cuts the READ into READ(16)s of at most 1 MiB over consecutive LBAs and
+    documents why running them in order is the same command. Each piece is
+    tried inline (page cache) and otherwise in a thread, into a pooled
+    buffer; its Data-In goes out (``IscsiConnection.send_data``) before the
+    next piece is read, and while the transport is above its high-water mark
+    the next piece waits for ``resume_writing``. The last piece, or the first
+    one that fails, completes the command with its status.
+    """
+
+    __slots__ = ("conn", "index", "pieces", "scsi", "task")
+
+    def __init__(
+        self, conn: _IscsiProtocol, scsi: ScsiTarget, task: Task, pieces: list[bytes]
+    ) -> None:
+        self.conn = conn
+        self.scsi = scsi
+        self.task = task
+        self.pieces = pieces
+        self.index = 0
+
+    def _alive(self) -> bool:
+        conn = self.conn
+        return not conn._gone and conn.core is not None and not conn.core.closed
+
+    def step(self) -> None:
+        """Read the next piece."""
+        if not self._alive():
+            return
+        conn = self.conn
+        task = self.task
+        if task.aborted:
+            self._finish(None)
+            return
+        service = conn.service
+        cdb = self.pieces[self.index]
+        continued = self.index > 0
+        buffer = service.take_buffer(_PIECE_BYTES)
+        try:
+            result = self.scsi.execute(
+                task.lun, cdb, None, conn.nexus, nowait=True, buffer=buffer, continued=continued
+            )
+        except WouldBlock:
+            call = functools.partial(
+                self.scsi.execute, task.lun, cdb, None, conn.nexus,
+                buffer=buffer, continued=continued,
+            )  # fmt: skip
+            conn.submit(call, functools.partial(self._piece_done, buffer))
+            return
+        except Exception:
+            service.log.exception("SCSI READ piece failed inside the target")
+            result = None
+        self._piece_done(buffer, result)
+
+    def _piece_done(self, buffer: bytearray | None, result: ScsiResult | None) -> None:
+        conn = self.conn
+        if buffer is not None:
+            # The transport may still reference the data (Python 3.12+): _pump decides.
+            conn._lent.append(buffer)
+        if not self._alive():
+            return
+        core = conn.core
+        assert core is not None
+        task = self.task
+        if task.aborted or result is None or result.status != _GOOD:
+            self._finish(result)
+            return
+        if self.index == len(self.pieces) - 1:
+            self._finish(result)
+            return
+        core.send_data(task, result.data)
+        self.index += 1
+        conn._pump()
+        if conn._write_paused:
+            conn._drained.append(self.step)
+        else:
+            # Let other connections' events in between pieces.
+            asyncio.get_running_loop().call_soon(self.step)
+
+    def _finish(self, result: ScsiResult | None) -> None:
+        conn = self.conn
+        core = conn.core
+        assert core is not None
+        task = self.task
+        if task.aborted:
+            core.complete(task, _GOOD)  # ends it unanswered (the TMF waits for this)
+        elif result is None:
+            core.complete(task, _CHECK_CONDITION, b"", _SENSE_INTERNAL_FAILURE)
+        else:
+            core.complete(task, result.status, result.data, result.sense)
+        conn._pump()
+
+
+def _read_blocks(cdb: bytes) -> int:
+    """TRANSFER LENGTH of a READ(10/12/16) CDB (SBC-3 5.16-5.18); 0 for anything else.
+
+    READ(6) moves at most 256 blocks and is never split.
+    """
+    op = cdb[0]
+    if op == 0x28 and len(cdb) >= 10:
+        return (cdb[7] << 8) | cdb[8]
+    if op == 0xA8 and len(cdb) >= 12:
+        return int.from_bytes(cdb[6:10], "big")
+    if op == 0x88 and len(cdb) >= 16:
+        return int.from_bytes(cdb[10:14], "big")
+    return 0
 
 
 def _nexus_lost(scsi: ScsiTarget, nexus: str, log: logging.Logger) -> None:

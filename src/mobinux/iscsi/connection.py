@@ -8,6 +8,7 @@ threads; this module owns every protocol decision::
     while (event := conn.next_event()) is not None:
         LoggedIn    -> look the target up, then conn.attach(scsi) or conn.close(reason)
         Task        -> run task.cdb on the SCSI layer, then conn.complete(task, ...)
+                       (a long read: conn.send_data(task, part) for all parts but the last)
         Closed      -> send what is left, then close the socket
     transport.writelines(conn.data_to_send())
     conn.tick()                           # every few seconds: idle NOP-In pings, login timeout
@@ -31,13 +32,17 @@ module runs the full-feature phase:
   CHECK CONDITION / ABORTED COMMAND) but not the connection, which is what
   libiscsi's iSCSIDataSnInvalid test needs and §11.17.1 describes. The data of
   a command is kept as the received segments and joined once, so a write that
-  arrives in one PDU reaches the disk without a copy. A command only starts
-  soliciting once its whole remaining length fits in the connection's buffer
-  budget, so commands cannot starve each other half-way.
+  arrives in one PDU reaches the disk without a copy. What a connection
+  buffers is bounded: commands solicit in arrival order, each only once its
+  whole remaining length fits in the write budget next to the Data-Out other
+  commands hold (immediate and unsolicited data included), so R2Ts wait
+  rather than fail and commands cannot starve each other half-way.
 * **Reads** (§11.7): Data-In PDUs of at most the initiator's
   MaxRecvDataSegmentLength, the F bit at every MaxBurstLength boundary, the
   status collapsed into the last Data-In when it is GOOD (§11.7.4), otherwise
-  a SCSI Response with the sense data (§11.4.7). Residuals compare the
+  a SCSI Response with the sense data (§11.4.7). A long read may be answered
+  in parts (:meth:`IscsiConnection.send_data`, then ``complete``): offsets,
+  DataSN and sequences continue across the parts. Residuals compare the
   Expected Data Transfer Length with what the command produced (reads) or
   consumed (writes), as libiscsi's residual tests expect (§11.4.5).
 * **Task management** (§11.5/§11.6): ABORT TASK, ABORT TASK SET, CLEAR TASK
@@ -144,6 +149,15 @@ _STATUS_BHS = struct.Struct("!BBBBI8sIIIIIIII")
 _R2T_BHS = _STATUS_BHS
 _ZERO_LUN = bytes(8)
 _U16 = struct.Struct("!H")
+# ITT, Expected Data Transfer Length / TTT, CmdSN: bytes 16-27 of an initiator BHS.
+_ITT_EDTL_CMDSN = struct.Struct("!III")
+# Opcodes of the per-command path as plain ints (an IntEnum member lookup costs ~75 ns).
+_OP_NOP_OUT = int(Opcode.NOP_OUT)
+_OP_SCSI_COMMAND = int(Opcode.SCSI_COMMAND)
+_OP_DATA_OUT = int(Opcode.SCSI_DATA_OUT)
+_OP_SNACK = int(Opcode.SNACK_REQUEST)
+_OP_SCSI_RESPONSE = int(Opcode.SCSI_RESPONSE)
+_OP_DATA_IN = int(Opcode.SCSI_DATA_IN)
 
 
 def sn_lt(a: int, b: int) -> bool:
@@ -238,6 +252,8 @@ class Task:
         "attr",
         "cdb",
         "cmd_sn",
+        "data_sent",
+        "datasn",
         "edtl",
         "immediate",
         "itt",
@@ -245,6 +261,7 @@ class Task:
         "lun_bytes",
         "next_r2t",
         "ordered",
+        "produced",
         "r2ts",
         "r2tsn",
         "read",
@@ -295,6 +312,10 @@ class Task:
         self.state = _COLLECTING
         self.aborted = False
         self.refusal: bytes | None = None  # sense data: answer CHECK CONDITION without executing
+        # A read answered in parts (send_data, then complete): what went out so far.
+        self.produced = 0  # bytes of data-in the SCSI layer produced before the last part
+        self.data_sent = 0  # bytes of it sent as Data-In (at most the read EDTL)
+        self.datasn = 0  # DataSN of the next Data-In PDU
 
     @property
     def data_out(self) -> bytes | None:
@@ -419,6 +440,7 @@ class IscsiConnection:
         self._logout_itt: int | None = None
         self._rx_activity = False
         self._ticks = 0
+        self._discovery = False
 
     # ------------------------------------------------------------------ adapter API
 
@@ -485,6 +507,7 @@ class IscsiConnection:
         self._exp_cmd_sn = params.exp_cmd_sn & MASK32
         self._max_cmd_sn = (params.exp_cmd_sn + max(1, self._limits.queue_depth) - 1) & MASK32
         self._stat_sn = params.stat_sn & MASK32
+        self._discovery = params.session_type == SessionType.DISCOVERY
         self._state = _FULL
         self._process()
 
@@ -512,13 +535,40 @@ class IscsiConnection:
             return
         self._forget(task)
         # The window opens before the answer goes out, so the answer carries the new MaxCmdSN.
-        self._release_slot(task.immediate)
+        if not task.immediate:
+            self._max_cmd_sn = (self._max_cmd_sn + 1) & MASK32  # _release_slot
         if task.aborted:
             self._task_terminated(task)
         else:
             self._respond(task, status, data, sense, data_out_used)
         if self._state == _LOGOUT and not self._running:
             self._finish_logout()
+
+    def send_data(self, task: Task, data: bytes | bytearray | memoryview) -> None:
+        """Part of a running read's data, more to follow: sent as Data-In PDUs now, no status.
+
+        For a READ streamed in pieces (the adapter splits a long one so that no
+        buffer holds the whole transfer): call this for every piece but the
+        last, in order, then :meth:`complete` with the last piece (or with the
+        CHECK CONDITION of a piece that failed). Offsets, DataSN and the F bit
+        at every MaxBurstLength boundary continue across the calls exactly as
+        if the data had come in one buffer; the status goes with the last
+        part only. What goes out is copied or referenced by
+        :meth:`data_to_send` like any Data-In: *data* must stay unchanged
+        until it is sent. Ignored for an aborted task or a closed connection.
+        """
+        if task.state != _RUNNING or task.aborted or self._state == _CLOSED:
+            return
+        n = len(data)
+        task.produced += n
+        room = task.read_len - task.data_sent if task.read else 0
+        if n > room:
+            n = max(0, room)
+        if n:
+            # Once the Expected Data Transfer Length is reached nothing more is sent:
+            # this PDU ends the last sequence (F bit), the SCSI Response follows alone.
+            last = task.data_sent + n >= task.read_len
+            self._send_data_in(task, data, n, last, 0, 0, 0, collapse=False)
 
     def start(self, task: Task) -> bool:
         """The adapter is about to run *task*; False when it was aborted meanwhile (then do not)."""
@@ -618,11 +668,12 @@ class IscsiConnection:
             self._events.append(LoggedIn(step.params))
 
     def _on_pdu(self, pdu: Pdu) -> None:
-        op = pdu.opcode
-        if op == Opcode.SCSI_DATA_OUT:
+        bhs = pdu.bhs
+        op = bhs[0] & 0x3F
+        if op == _OP_DATA_OUT:
             self._on_data_out(pdu)
             return
-        if op == Opcode.SNACK_REQUEST:
+        if op == _OP_SNACK:
             # §11.16: SNACK needs ErrorRecoveryLevel > 0. Reject it and carry on.
             self._reject(pdu, RejectReason.PROTOCOL_ERROR)
             return
@@ -632,44 +683,42 @@ class IscsiConnection:
             raise _ProtocolError(
                 f"unsupported opcode 0x{op:02x}", RejectReason.COMMAND_NOT_SUPPORTED
             )
-        params = self.params
-        assert params is not None
-        if params.session_type == SessionType.DISCOVERY and op not in _DISCOVERY_OPCODES:
+        if self._discovery and op not in _DISCOVERY_OPCODES:
             raise _ProtocolError(f"opcode 0x{op:02x} in a discovery session")
         if self._state == _LOGOUT:
             # §11.14: after a Logout the initiator sends nothing that needs an answer.
             return
-        if pdu.immediate or (op == Opcode.NOP_OUT and pdu.itt == RESERVED_TAG):
+        itt, edtl, cmd_sn = _ITT_EDTL_CMDSN.unpack_from(bhs, 16)
+        if bhs[0] & 0x40 or (op == _OP_NOP_OUT and itt == RESERVED_TAG):
             # Immediate: delivered at once, CmdSN not advanced (§4.2.2.1).
-            if op == Opcode.SCSI_COMMAND:
+            if op == _OP_SCSI_COMMAND:
                 if self._immediate_tasks >= MAX_IMMEDIATE_TASKS:
                     self._reject(pdu, RejectReason.IMMEDIATE_COMMAND_REJECT)
                     return
-                task = self._new_task(pdu, True)
-                if task is not None:
-                    task.ordered = True
-                    self._maybe_ready(task)
+                task = self._new_task(pdu, True, itt, edtl, cmd_sn)
+                task.ordered = True
+                self._maybe_ready(task)
             else:
                 self._deliver_pdu(pdu, True)
             return
-        cmd_sn = pdu.u32(24)
         exp = self._exp_cmd_sn
         window = (self._max_cmd_sn - exp + 1) & MASK32
         if ((cmd_sn - exp) & MASK32) >= window or cmd_sn in self._held:
             return  # §4.2.2.1: outside the window or a duplicate: silently ignored
         if cmd_sn == exp:
-            item: Task | Pdu | object = pdu
-            if op == Opcode.SCSI_COMMAND:
-                task = self._new_task(pdu, False)
-                if task is None:
-                    return
-                item = task
-            self._advance(item)
+            if op != _OP_SCSI_COMMAND:
+                self._advance(pdu)
+            elif self._held:
+                self._advance(self._new_task(pdu, False, itt, edtl, cmd_sn))
+            else:
+                # In order with nothing held behind it: what _advance does, without the loop.
+                task = self._new_task(pdu, False, itt, edtl, cmd_sn)
+                self._exp_cmd_sn = (exp + 1) & MASK32
+                task.ordered = True
+                self._maybe_ready(task)
             return
-        if op == Opcode.SCSI_COMMAND:
-            task = self._new_task(pdu, False)
-            if task is not None:
-                self._held[cmd_sn] = task
+        if op == _OP_SCSI_COMMAND:
+            self._held[cmd_sn] = self._new_task(pdu, False, itt, edtl, cmd_sn)
         else:
             self._held[cmd_sn] = pdu
 
@@ -706,17 +755,15 @@ class IscsiConnection:
 
     # ------------------------------------------------------------------ SCSI commands
 
-    def _new_task(self, pdu: Pdu, immediate: bool) -> Task | None:
-        itt = pdu.itt
+    def _new_task(self, pdu: Pdu, immediate: bool, itt: int, edtl: int, cmd_sn: int) -> Task:
         if itt == RESERVED_TAG:
             raise _ProtocolError(
                 "SCSI Command with the reserved ITT", RejectReason.INVALID_PDU_FIELD
             )
         if itt in self._tasks:
             raise _ProtocolError(f"ITT 0x{itt:08x} already in use", RejectReason.INVALID_PDU_FIELD)
-        flags = pdu.flags
         bhs = pdu.bhs
-        edtl = pdu.u32(20)
+        flags = bhs[1]
         cdb = bhs[32:48]
         read_len = edtl if flags & CMD_READ else 0
         if pdu.ahs:
@@ -724,7 +771,9 @@ class IscsiConnection:
             cdb += ext
             if flags & CMD_READ and flags & CMD_WRITE:
                 read_len = bidi_read
-        task = Task(itt, pdu.lun, bhs[8:16], cdb, flags, edtl, pdu.u32(24), immediate, read_len)
+        lun_bytes = bhs[8:16]
+        lun = 0 if lun_bytes == _ZERO_LUN else pdu.lun
+        task = Task(itt, lun, lun_bytes, cdb, flags, edtl, cmd_sn, immediate, read_len)
         data = pdu.data
         n = len(data)
         final = bool(flags & FINAL_BIT) or not task.write
@@ -740,8 +789,7 @@ class IscsiConnection:
         if task.write_len > self._max_command_bytes:
             task.refusal = _SENSE_INVALID_FIELD_IN_CDB
         elif n:
-            task._pieces.append(data)
-            task.received = n
+            self._hold(task, data)
         if not final and task.refusal is None:
             task.unsol_end = min(self._first_burst, task.write_len)
             if task.received >= task.unsol_end:
@@ -749,7 +797,7 @@ class IscsiConnection:
         self._tasks[itt] = task
         if immediate:
             self._immediate_tasks += 1
-        if task.unsol_end < 0 and task.refusal is None:
+        if task.unsol_end < 0 and task.refusal is None and task.received < task.write_len:
             self._solicit(task)
         return task
 
@@ -776,7 +824,8 @@ class IscsiConnection:
         if task.reserved:
             self._reserved -= task.reserved
             task.reserved = 0
-            self._drain_r2t_queue()
+            if self._r2t_queue:
+                self._drain_r2t_queue()
 
     def _release_slot(self, immediate: bool) -> None:
         """A non-immediate command is finished: the window opens by one (§4.2.2.1)."""
@@ -785,32 +834,55 @@ class IscsiConnection:
 
     # ------------------------------------------------------------------ Data-Out and R2T
 
+    def _hold(self, task: Task, data: bytes) -> None:
+        """Keep a piece of unsolicited Data-Out (immediate or ahead of any R2T).
+
+        It counts against the write budget like solicited data, so R2Ts wait
+        while the initiator's unsolicited data fills the buffers; it cannot be
+        refused, but it is bounded by FirstBurstLength per command in the window.
+        """
+        task._pieces.append(data)
+        n = len(data)
+        task.received += n
+        task.reserved += n
+        self._reserved += n
+
     def _solicit(self, task: Task) -> None:
-        """The unsolicited phase is over: ask for the rest with R2Ts once the budget allows."""
-        remaining = task.write_len - task.received
-        if remaining <= 0:
+        """The unsolicited phase is over: ask for the rest with R2Ts once the budget allows.
+
+        Commands take their turn in arrival order (a big one is not starved by a
+        stream of small ones), and a command starts soliciting only once all of
+        its remaining Data-Out fits in the connection's budget, so commands
+        cannot starve each other half-way. Its R2Ts wait until then; they are
+        never refused.
+        """
+        if task.write_len - task.received <= 0:
             self._maybe_ready(task)
             return
         task.next_r2t = task.received
-        if self._reserved and self._reserved + remaining > self._write_budget:
-            self._r2t_queue.append(task)
-            return
-        task.reserved = remaining
-        self._reserved += remaining
-        self._send_r2ts(task)
+        self._r2t_queue.append(task)
+        self._drain_r2t_queue()
 
     def _drain_r2t_queue(self) -> None:
+        """Start soliciting for waiting commands, first come first served, while they fit.
+
+        The budget counts all Data-Out held by commands that are not waiting
+        here (solicited or running, or still sending unsolicited data): those
+        finish without this queue moving, so the head always gets its turn. A
+        command bigger than the budget goes when nothing else is held.
+        """
         queue = self._r2t_queue
         while queue and self._state in (_FULL, _LOGOUT):
             task = queue[0]
-            if task.aborted or task.state != _COLLECTING:
+            if task.aborted or task.state != _COLLECTING or task.refusal is not None:
                 queue.popleft()
                 continue
             remaining = task.write_len - task.received
-            if self._reserved and self._reserved + remaining > self._write_budget:
+            active = self._reserved - sum(t.reserved for t in queue)
+            if active and active + task.reserved + remaining > self._write_budget:
                 return
             queue.popleft()
-            task.reserved = remaining
+            task.reserved += remaining
             self._reserved += remaining
             self._send_r2ts(task)
 
@@ -876,8 +948,7 @@ class IscsiConnection:
                 raise _DataOutError("unsolicited data beyond FirstBurstLength", _ASC_TOO_MUCH_DATA)
             task.unsol_datasn += 1
             if n:
-                task._pieces.append(data)
-                task.received += n
+                self._hold(task, data)
             if final:
                 task.unsol_end = -1
                 self._solicit(task)
@@ -925,8 +996,8 @@ class IscsiConnection:
         sense: bytes,
         data_out_used: int | None,
     ) -> None:
-        produced = len(data)
-        sent = min(produced, task.read_len) if task.read else 0
+        produced = task.produced + len(data)
+        sent = min(len(data), max(0, task.read_len - task.data_sent)) if task.read else 0
         resid_flags = 0
         resid = 0
         bidi_flags = 0
@@ -947,24 +1018,34 @@ class IscsiConnection:
             wanted = produced or data_out_used or 0
             if wanted:
                 resid_flags, resid = RESP_OVERFLOW, wanted
-        datasn = 0
         if sent:
             collapse = status == _GOOD and not sense and not bidi_flags
-            datasn = self._send_data_in(task, data, sent, status, resid_flags, resid, collapse)
+            self._send_data_in(task, data, sent, True, status, resid_flags, resid, collapse)
             if collapse:
                 return
-        elif task.write:
-            datasn = task.r2tsn  # §11.4.8: ExpDataSN counts R2Ts for a write
+        # §11.4.8 ExpDataSN: the Data-In PDUs of a read, the R2Ts of a write.
+        datasn = task.datasn if task.data_sent or not task.write else task.r2tsn
+        stat_sn = self._stat_sn
+        self._stat_sn = (stat_sn + 1) & MASK32
+        if not sense and not self._hd:
+            # The common answer (a write, or a read whose status could not be collapsed):
+            # one 48-byte BHS, no data segment, no digest.
+            bhs_bytes = _STATUS_BHS.pack(
+                _OP_SCSI_RESPONSE, FINAL_BIT | resid_flags | bidi_flags, 0, status & 0xFF,
+                0, _ZERO_LUN, task.itt, 0, stat_sn, self._exp_cmd_sn, self._max_cmd_sn,
+                datasn, bidi_resid, resid,
+            )  # fmt: skip
+            self._out.append(bhs_bytes)
+            return
         payload = b""
         if sense:
             payload = _U16.pack(len(sense)) + sense
         bhs = bytearray(BHS_LEN)
         _STATUS_BHS.pack_into(
-            bhs, 0, Opcode.SCSI_RESPONSE, FINAL_BIT | resid_flags | bidi_flags, 0, status & 0xFF,
-            0, _ZERO_LUN, task.itt, 0, self._stat_sn, self._exp_cmd_sn, self._max_cmd_sn,
+            bhs, 0, _OP_SCSI_RESPONSE, FINAL_BIT | resid_flags | bidi_flags, 0, status & 0xFF,
+            0, _ZERO_LUN, task.itt, 0, stat_sn, self._exp_cmd_sn, self._max_cmd_sn,
             datasn, bidi_resid, resid,
         )  # fmt: skip
-        self._stat_sn = (self._stat_sn + 1) & MASK32
         self._out.extend(encode_pdu(bhs, payload, header_digest=self._hd, data_digest=self._dd))
 
     def _send_data_in(
@@ -972,21 +1053,34 @@ class IscsiConnection:
         task: Task,
         data: bytes | bytearray | memoryview,
         length: int,
+        last: bool,
         status: int,
         resid_flags: int,
         resid: int,
         collapse: bool,
-    ) -> int:
-        """Data-In PDUs for the first *length* bytes of *data*; returns how many were sent."""
+    ) -> None:
+        """Data-In PDUs for the first *length* bytes of *data*, from the task's current offset.
+
+        PDUs carry at most the initiator's MaxRecvDataSegmentLength; a sequence
+        ends (F bit) at every MaxBurstLength boundary of the whole transfer and,
+        when *last*, at the end of *data*. *collapse* puts the status and the
+        residual in the last PDU (§11.7.4), which needs *last*.
+        """
         mrdsl = self._mrdsl
         burst = self._max_burst
-        # PDU boundaries: at most MRDSL each, and a sequence (F bit) ends every MaxBurstLength.
+        base = task.data_sent
+        stop = base + length
+        if not base and length <= mrdsl and length <= burst and last and not self._hd:
+            # The common read: one PDU, which ends the sequence and carries the status.
+            self._single_data_in(task, data, length, status, resid_flags, resid, collapse)
+            return
+        # PDU boundaries: at most MRDSL each, never across a MaxBurstLength boundary.
         count = 0
-        seq_start = 0
-        while seq_start < length:
-            seq_len = min(burst, length - seq_start)
-            count += -(-seq_len // mrdsl)
-            seq_start += seq_len
+        pos = base
+        while pos < stop:
+            seq_end = min((pos // burst + 1) * burst, stop)
+            count += -(-(seq_end - pos) // mrdsl)
+            pos = seq_end
         headers = bytearray(BHS_LEN * count)
         hview = memoryview(headers)
         dview = memoryview(data)
@@ -997,37 +1091,34 @@ class IscsiConnection:
         itt = task.itt
         exp = self._exp_cmd_sn
         mx = self._max_cmd_sn
-        offset = 0
-        datasn = 0
-        seq_end = min(burst, length)
-        while offset < length:
-            n = min(mrdsl, seq_end - offset)
-            end = offset + n
+        datasn = task.datasn
+        offset = base
+        h = 0
+        while offset < stop:
+            seq_end = min((offset // burst + 1) * burst, stop)
+            end = min(offset + mrdsl, seq_end)
+            n = end - offset
             flags = 0
             stat = 0
             statsn = 0
             rcount = 0
-            if end == seq_end:
+            if end % burst == 0 or (last and end == stop):
                 flags = FINAL_BIT
-                if end == length:
-                    if collapse:
-                        flags |= DATAIN_STATUS | resid_flags
-                        stat = status
-                        statsn = self._stat_sn
-                        rcount = resid
-                        self._stat_sn = (statsn + 1) & MASK32
-                else:
-                    seq_end = min(seq_end + burst, length)
-            h = datasn * BHS_LEN
+                if collapse and end == stop:
+                    flags |= DATAIN_STATUS | resid_flags
+                    stat = status
+                    statsn = self._stat_sn
+                    rcount = resid
+                    self._stat_sn = (statsn + 1) & MASK32
             pack(
-                headers, h, Opcode.SCSI_DATA_IN, flags, 0, stat, n, _ZERO_LUN, itt, RESERVED_TAG,
+                headers, h, _OP_DATA_IN, flags, 0, stat, n, _ZERO_LUN, itt, RESERVED_TAG,
                 statsn, exp, mx, datasn, offset, rcount,
             )  # fmt: skip
             hdr = hview[h : h + BHS_LEN]
             out.append(hdr)
             if hd:
                 out.append(digest_bytes(hdr))
-            chunk = dview[offset:end]
+            chunk = dview[offset - base : end - base]
             out.append(chunk)
             pad = pad_len(n)
             if pad:
@@ -1038,8 +1129,50 @@ class IscsiConnection:
             elif dd:
                 out.append(digest_bytes(chunk))
             offset = end
-            datasn += 1
-        return datasn
+            datasn = (datasn + 1) & MASK32
+            h += BHS_LEN
+        task.data_sent = stop
+        task.datasn = datasn
+
+    def _single_data_in(
+        self,
+        task: Task,
+        data: bytes | bytearray | memoryview,
+        length: int,
+        status: int,
+        resid_flags: int,
+        resid: int,
+        collapse: bool,
+    ) -> None:
+        """:meth:`_send_data_in` for all of a read in one PDU, without header digest."""
+        flags = FINAL_BIT
+        stat = 0
+        statsn = 0
+        rcount = 0
+        if collapse:
+            flags |= DATAIN_STATUS | resid_flags
+            stat = status
+            statsn = self._stat_sn
+            rcount = resid
+            self._stat_sn = (statsn + 1) & MASK32
+        out = self._out
+        header = _STATUS_BHS.pack(
+            _OP_DATA_IN, flags, 0, stat, length, _ZERO_LUN, task.itt, RESERVED_TAG,
+            statsn, self._exp_cmd_sn, self._max_cmd_sn, task.datasn, 0, rcount,
+        )  # fmt: skip
+        out.append(header)
+        chunk = data if len(data) == length else memoryview(data)[:length]
+        out.append(chunk)
+        pad = -length & 3
+        if pad:
+            padding = bytes(pad)
+            out.append(padding)
+            if self._dd:
+                out.append(digest_bytes(chunk, padding))
+        elif self._dd:
+            out.append(digest_bytes(chunk))
+        task.data_sent = length
+        task.datasn = (task.datasn + 1) & MASK32
 
     def _emit(self, bhs: bytearray, data: bytes | bytearray | memoryview = b"") -> None:
         self._out.extend(encode_pdu(bhs, data, header_digest=self._hd, data_digest=self._dd))
