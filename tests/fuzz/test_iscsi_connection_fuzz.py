@@ -122,9 +122,12 @@ def drive(conn: IscsiConnection, chunks: list[bytes], rng: random.Random) -> Non
         # bounded state, whatever the initiator does
         assert len(conn._tasks) <= QUEUE_DEPTH + MAX_IMMEDIATE_TASKS  # type: ignore[attr-defined]
         assert len(conn._held) <= QUEUE_DEPTH  # type: ignore[attr-defined]
-        # the budget, plus unsolicited data (FirstBurstLength per command) that cannot be refused
+        # the budget (or one command bigger than it, admitted alone and itself capped by
+        # max_command_bytes), plus unsolicited data (FirstBurstLength per command) that
+        # cannot be refused
         unsolicited = (QUEUE_DEPTH + MAX_IMMEDIATE_TASKS) * conn._first_burst  # type: ignore[attr-defined]
-        assert conn._reserved <= BUDGET + unsolicited  # type: ignore[attr-defined]
+        held_cap = max(BUDGET, conn._max_command_bytes)  # type: ignore[attr-defined]
+        assert conn._reserved <= held_cap + unsolicited  # type: ignore[attr-defined]
     assert closed <= 1
     assert reader.buffered == 0, "every byte sent belongs to a complete PDU"
 
