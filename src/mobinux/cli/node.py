@@ -13,7 +13,6 @@ from mobinux.cli.common import data_dir, print_json, print_table
 from mobinux.errors import InventoryError
 from mobinux.inventory.db import BOOT_MODES, LOADERS, Inventory, Node
 from mobinux.service.boot import (
-    ENDPOINT_SETTING,
     BootService,
     Endpoint,
     default_node_name,
@@ -140,9 +139,7 @@ def find_node(inv: Inventory, key: str) -> Node:
 
 def describe(inv: Inventory, node: Node) -> dict[str, object]:
     # The address the server last ran with fills {server} and {ipconfig}, as it will at boot.
-    saved = inv.get_setting(ENDPOINT_SETTING)
-    endpoint = Endpoint.from_json(saved) if saved else Endpoint(IPv4Address("0.0.0.0"), 0)
-    service = BootService(inv, endpoint, StepLog())
+    service = BootService(inv, Endpoint.saved(inv), StepLog())
     info = service.describe_node(node)
     info.pop("script_url", None)
     return info

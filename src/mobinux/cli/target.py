@@ -7,13 +7,12 @@ import os
 import re
 import stat
 import time
-from ipaddress import IPv4Address
 from pathlib import Path
 
 from mobinux.cli.common import data_dir, print_json, print_table
 from mobinux.errors import InventoryError
 from mobinux.inventory.db import Inventory, Target
-from mobinux.service.boot import ENDPOINT_SETTING, Endpoint
+from mobinux.service.boot import Endpoint
 
 # The part after the prefix: lower case, as IQNs are compared case-insensitively and
 # stringprep'd to lower case (RFC 7143 §4.2.7.1); "node." names belong to node disks.
@@ -115,11 +114,6 @@ def _prepare_file(path: Path, size: int | None) -> None:
                              "give --size to grow it")
 
 
-def _endpoint(inv: Inventory) -> Endpoint:
-    saved = inv.get_setting(ENDPOINT_SETTING)
-    return Endpoint.from_json(saved) if saved else Endpoint(IPv4Address("0.0.0.0"), 0)
-
-
 def _size_of(path: Path) -> int | None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -133,7 +127,7 @@ def _size_of(path: Path) -> int | None:
 
 def describe_targets(inv: Inventory) -> list[dict[str, object]]:
     """Every exported target, explicit ones and each ``--boot iscsi`` node's own."""
-    endpoint = _endpoint(inv)
+    endpoint = Endpoint.saved(inv)
     out: list[dict[str, object]] = []
     for t in inv.targets():
         out.append({
@@ -210,7 +204,7 @@ def _run(args: argparse.Namespace, inv: Inventory) -> int:
             mutual_user=mutual[0] if mutual else None, mutual_secret=mutual[1] if mutual else None,
             allow=allow, created=time.time(),
         ))
-        print(f"added target {_endpoint(inv).target_iqn(name)} exporting {path}")
+        print(f"added target {Endpoint.saved(inv).target_iqn(name)} exporting {path}")
         return 0
     if cmd == "list":
         targets = describe_targets(inv)

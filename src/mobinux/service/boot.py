@@ -103,6 +103,12 @@ class Endpoint:
         """The InitiatorName Mobinux gives a node (handed to iPXE); only it may log in."""
         return self.iqn_prefix + "initiator." + mac.replace(":", "")
 
+    @classmethod
+    def saved(cls, inventory: Inventory) -> Endpoint:
+        """What the last ``mobinux serve`` ran with, for the CLI (0.0.0.0 before any run)."""
+        text = inventory.get_setting(ENDPOINT_SETTING)
+        return cls.from_json(text) if text else cls(IPv4Address("0.0.0.0"), 0)
+
     def http_url(self, path: str) -> str:
         host = str(self.server) if self.http_port == 80 else f"{self.server}:{self.http_port}"
         return f"http://{host}/{path.lstrip('/')}"
