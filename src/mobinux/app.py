@@ -118,9 +118,11 @@ def build_services(config: ServeConfig, data_dir: Path, inventory: Inventory, st
     endpoint = Endpoint(network.address, config.http_port, network.subnet, gateway,
                         iscsi_port=config.iscsi_port, iqn_prefix=config.iqn_prefix)
     inventory.set_setting(ENDPOINT_SETTING, endpoint.to_json())
-    boot = BootService(inventory, endpoint, steps, tftp_root=config.tftp_root,
-                       loader_dirs=config.loader_dirs)
     host = str(network.address)
+    iscsi = IscsiRunner(inventory, endpoint, host) if config.iscsi_port else None
+    boot = BootService(inventory, endpoint, steps, tftp_root=config.tftp_root,
+                       loader_dirs=config.loader_dirs,
+                       on_boot=None if iscsi is None else iscsi.exports.node_booting)
     services: list[Service] = []
     if config.dhcp != "off":
         from mobinux.dhcp.aio import DhcpService
@@ -149,8 +151,8 @@ def build_services(config: ServeConfig, data_dir: Path, inventory: Inventory, st
                                          else config.tftp_workers)))
     services.append(HttpService(boot, host=host, port=config.http_port, record_step=steps,
                                 logger=logging.getLogger("mobinux.http")))
-    if config.iscsi_port:
-        services.append(IscsiRunner(inventory, endpoint, host))
+    if iscsi is not None:
+        services.append(iscsi)
     return boot, services
 
 
@@ -168,7 +170,18 @@ class IscsiRunner:
         self._inventory = Inventory(inventory.data_dir)
         self.exports = IscsiExports(self._inventory, endpoint)
         self.service = IscsiService(self.exports, host=host, port=endpoint.iscsi_port)
+        self.exports.close_sessions = self._close_sessions
         self._recorded: list[IscsiSessionRecord] | None = None
+
+    def _close_sessions(self, target_iqn: str) -> int:
+        return self.service.close_sessions(target_iqn, reason="the node booted again")
+
+    def poll(self) -> None:
+        """Once a second: carry out `mobinux node reset` requests."""
+        try:
+            self.exports.poll()
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("iSCSI: node reset requests: %s", exc)
 
     async def start(self) -> None:
         await self.service.start()
@@ -229,6 +242,8 @@ async def run(config: ServeConfig, data_dir: Path, ready: asyncio.Event | None =
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), STEP_FLUSH_INTERVAL)
+            if iscsi is not None:
+                iscsi.poll()
             sessions = None if iscsi is None else iscsi.session_records()
             try:
                 await asyncio.to_thread(write_steps, step_store, *steps.drain())

@@ -173,9 +173,15 @@ def test_iscsi_node_gets_own_target_initiator_and_sanboot_script(cli: CliRunner,
         inv.close()
     assert f"set initiator-iqn {iscsi['initiator']}" in script
     assert f"sanboot iscsi:10.0.0.1:::0:{iscsi['target']}" in script
-    # a second node cannot write to the same disk (no per-node overlays yet)
-    r = cli("node", "add", "52:54:00:00:00:32", "--image", "lab", "--boot", "iscsi")
-    assert r.code == 1 and "already the iSCSI disk of node 'pc31'" in r.err
+    # a second node on the same image: its own target and initiator, its own overlay
+    r = cli("node", "add", "52:54:00:00:00:32", "--name", "pc32", "--image", "lab", "--boot", "iscsi")
+    assert r.code == 0, r.err
+    other = cli("node", "show", "pc32", "--json").json()
+    assert other["iscsi"]["target"] != iscsi["target"]
+    assert other["iscsi"]["initiator"] != iscsi["initiator"]
+    assert other["overlay_bytes"] == 0 and info["overlay_bytes"] == 0
+    overlays = {t["node"]: t["overlay"] for t in cli("target", "list", "--json").json() if t["node"]}
+    assert overlays["pc31"] != overlays["pc32"]
     r = cli("node", "set", "pc31", "--loader", "pxelinux")
     assert r.code == 1 and "iPXE loader" in r.err
 

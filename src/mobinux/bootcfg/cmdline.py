@@ -10,9 +10,13 @@ Placeholders are ``{name}`` (``{{`` and ``}}`` for literal braces):
 ``{ipconfig}`` the whole kernel ``ip=`` parameter: static when the address
                is known, ``ip=dhcp`` otherwise (Documentation/admin-guide/
                nfs/nfsroot.rst, "ip=" syntax)
+``{target}``   the IQN of the node's own iSCSI target (its disk, LUN 0)
+``{portal}``   ``IP:PORT`` of the iSCSI portal
+``{initiator}`` the InitiatorName the node must log in with (only it may)
 =============  ===========================================================
 
-``{target}``, ``{portal}`` and ``{initiator}`` arrive with iSCSI roots.
+The three iSCSI placeholders are empty for a node without a disk (no
+``--disk`` and not ``--boot iscsi``/``kernel`` on a disk).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 from mobinux.errors import InventoryError
 
-PLACEHOLDERS = ("mac", "ip", "hostname", "server", "ipconfig")
+PLACEHOLDERS = ("mac", "ip", "hostname", "server", "ipconfig", "target", "portal", "initiator")
 
 
 def check_template(template: str) -> None:
@@ -52,6 +56,9 @@ class NodeNetwork:
     ip: IPv4Address | None = None
     subnet: IPv4Network | None = None
     gateway: IPv4Address | None = None
+    iscsi_target: str = ""
+    iscsi_portal: str = ""
+    iscsi_initiator: str = ""
 
 
 def kernel_ip_param(net: NodeNetwork, device: str = "", autoconf: str = "off") -> str:
@@ -72,6 +79,9 @@ def render(template: str, net: NodeNetwork) -> str:
         "hostname": net.hostname,
         "server": str(net.server),
         "ipconfig": kernel_ip_param(net),
+        "target": net.iscsi_target,
+        "portal": net.iscsi_portal,
+        "initiator": net.iscsi_initiator,
     }
     return template.format_map(values)
 

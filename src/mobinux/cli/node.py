@@ -8,9 +8,11 @@ import time
 from dataclasses import replace
 from ipaddress import IPv4Address
 
+from mobinux.app import server_pid
 from mobinux.bootcfg.cmdline import check_template
 from mobinux.cli.common import data_dir, print_json, print_table
-from mobinux.errors import InventoryError
+from mobinux.cli.target import parse_size
+from mobinux.errors import InventoryError, LocalError
 from mobinux.inventory.db import BOOT_MODES, LOADERS, Inventory, Node
 from mobinux.service.boot import (
     BootService,
@@ -18,10 +20,11 @@ from mobinux.service.boot import (
     default_node_name,
     normalise_mac,
 )
+from mobinux.service.node_disks import node_base, overlay_usage, remove_overlay
 from mobinux.service.steps import StepLog
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-NOT_YET = ("kernel",)  # boot modes that arrive with diskless iSCSI roots
+RESET_WAIT = 10.0  # seconds `node reset` waits for a running server to carry it out
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -40,15 +43,25 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         p.add_argument("--image", action="append", metavar="NAME",
                        help="image to boot; repeat for a boot menu (the first is the default)")
         p.add_argument("--boot", choices=BOOT_MODES, default="ramdisk" if adding else None,
-                       help="what to boot: ramdisk (kernel + RAM-disk root), iscsi (iPXE sanboots a "
-                       "disk image from the node's own iSCSI target), local (the machine's "
-                       "next boot device); kernel arrives with diskless iSCSI roots"
+                       help="what to boot: ramdisk (kernel + RAM-disk root), kernel (kernel + initrd "
+                       "over the network, root on the node's iSCSI disk), iscsi (iPXE sanboots the "
+                       "node's iSCSI disk), local (the machine's next boot device)"
                        + (" (default: ramdisk)" if adding else ""))
+        p.add_argument("--disk", metavar="IMAGE",
+                       help="disk image served as the node's own iSCSI disk, through its private "
+                       "copy-on-write overlay (default: the --boot iscsi/kernel image itself)"
+                       + ("" if adding else "; 'none' to remove it"))
+        p.add_argument("--persistent", action=argparse.BooleanOptionalAction, default=None,
+                       help="keep the node's disk changes across boots (default: every boot "
+                       "starts from the clean base image)")
+        p.add_argument("--overlay-limit", metavar="SIZE",
+                       help="most the node may write to its disk, like 2G; writes past it fail "
+                       "with a SCSI space-allocation error" + ("" if adding else " ('none': no cap)"))
         p.add_argument("--loader", choices=LOADERS, default="ipxe" if adding else None,
                        help="BIOS boot loader: ipxe, or pxelinux (pxelinux.0 + pxelinux.cfg); "
                        "UEFI clients always use iPXE" + (" (default: ipxe)" if adding else ""))
         p.add_argument("--cmdline", metavar="ARGS", help="extra kernel arguments; placeholders {mac} {ip} "
-                       "{hostname} {server} {ipconfig}")
+                       "{hostname} {server} {ipconfig} {target} {portal} {initiator}")
 
     p = nsub.add_parser("add", help="register a node", description="Register a machine by its MAC.")
     p.add_argument("mac", help="the machine's MAC address, e.g. 52:54:00:12:34:56")
@@ -62,8 +75,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = nsub.add_parser("show", help="show one node with its generated boot command line")
     p.add_argument("name", help="node name or MAC")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = nsub.add_parser("remove", help="forget a node")
+    p = nsub.add_parser("remove", help="forget a node (and its disk overlay)")
     p.add_argument("name", help="node name or MAC")
+    p = nsub.add_parser(
+        "reset", help="throw away a node's disk changes now (as its next boot would)",
+        description="Empty the node's copy-on-write overlay, so its disk is the clean base image "
+        "again; a --persistent node's too. Refused while the node has iSCSI sessions (it is up) "
+        "unless --force, which first ends them.")
+    p.add_argument("name", help="node name or MAC")
+    p.add_argument("--force", action="store_true", help="reset even while the node is up")
 
 
 def _mac(text: str) -> str:
@@ -85,11 +105,21 @@ def _check(node: Node, inv: Inventory) -> None:
     if not _NAME.match(node.name):
         raise InventoryError(f"node name {node.name!r}: use letters, digits, '-', '_' and '.' "
                              "(at most 63, starting with a letter or digit)")
-    if node.boot in NOT_YET:
-        raise InventoryError(f"--boot {node.boot} needs diskless iSCSI roots, which this version "
-                             "does not have yet; use --boot ramdisk, iscsi or local")
+    if node.disk is not None:
+        disk = inv.get_image(node.disk)
+        if disk is None:
+            raise InventoryError(f"no image named {node.disk!r} (see: mobinux image list)")
+        if disk.disk is None:
+            raise InventoryError(f"--disk {node.disk}: a {disk.kind} image, not a disk image "
+                                 "(import one with: mobinux image import FILE --name NAME)")
     if node.boot == "iscsi":
         _check_iscsi(node, inv)
+    if node.boot == "kernel":
+        _check_kernel(node, inv)
+    if (node.persistent or node.overlay_limit is not None) and \
+            node_base(node, {i.name: i for i in inv.images()}) is None:
+        raise InventoryError("--persistent and --overlay-limit apply to a node's disk, and this "
+                             "node has none: give --disk IMAGE (or --boot iscsi/kernel on a disk image)")
     if node.boot == "ramdisk":
         if not node.images:
             raise InventoryError("--boot ramdisk needs an image: --image NAME (see: mobinux image list)")
@@ -118,13 +148,24 @@ def _check_iscsi(node: Node, inv: Inventory) -> None:
     if node.loader == "pxelinux":
         raise InventoryError("--boot iscsi needs the iPXE loader (pxelinux cannot boot from "
                              "iSCSI); use --loader ipxe")
-    for other in inv.nodes():
-        if other.mac != node.mac and other.boot == "iscsi" and image.name in other.images:
-            # Each node writes to its disk directly until per-node overlays exist; two
-            # machines writing one file system would corrupt it.
-            raise InventoryError(f"image {image.name!r} is already the iSCSI disk of node "
-                                 f"{other.name!r}; one disk image boots one node (import "
-                                 "another copy for this node)")
+    if node.disk is not None and node.disk != image.name:
+        raise InventoryError("--boot iscsi sanboots the node's disk, which is its --image; "
+                             "drop --disk (or give the same image)")
+
+
+def _check_kernel(node: Node, inv: Inventory) -> None:
+    if not node.images:
+        raise InventoryError("--boot kernel needs an image with a kernel: --image NAME")
+    for name in node.images:
+        image = inv.get_image(name)
+        if image is None:
+            raise InventoryError(f"no image named {name!r} (see: mobinux image list)")
+        if not image.kernel:
+            raise InventoryError(f"image {name!r} has no kernel to boot; --boot kernel needs a "
+                                 "RAM-disk image or an imported installed system")
+    if node_base(node, {i.name: i for i in inv.images()}) is None:
+        raise InventoryError("--boot kernel puts the root file system on the node's iSCSI disk, "
+                             "and this node has none: give --disk IMAGE (a disk image)")
 
 
 def find_node(inv: Inventory, key: str) -> Node:
@@ -142,6 +183,8 @@ def describe(inv: Inventory, node: Node) -> dict[str, object]:
     service = BootService(inv, Endpoint.saved(inv), StepLog())
     info = service.describe_node(node)
     info.pop("script_url", None)
+    if "iscsi" in info:
+        info["overlay_bytes"] = overlay_usage(inv.data_dir, node.mac)
     return info
 
 
@@ -166,6 +209,9 @@ def _run(args: argparse.Namespace, inv: Inventory) -> int:
             loader=args.loader,
             cmdline=args.cmdline or "",
             created=time.time(),
+            disk=args.disk,
+            persistent=bool(args.persistent),
+            overlay_limit=_limit(args.overlay_limit) if args.overlay_limit else None,
         )
         _check(node, inv)
         inv.add_node(node)
@@ -180,9 +226,14 @@ def _run(args: argparse.Namespace, inv: Inventory) -> int:
             changes["ip"] = None if args.ip.lower() in ("none", "") else _ip(args.ip)
         if args.image is not None:
             changes["images"] = tuple(args.image)
-        for key in ("boot", "loader", "cmdline"):
+        for key in ("boot", "loader", "cmdline", "persistent"):
             if getattr(args, key) is not None:
                 changes[key] = getattr(args, key)
+        if args.disk is not None:
+            changes["disk"] = None if args.disk.lower() in ("none", "") else args.disk
+        if args.overlay_limit is not None:
+            changes["overlay_limit"] = (None if args.overlay_limit.lower() in ("none", "")
+                                        else _limit(args.overlay_limit))
         if args.new_name is not None:
             changes["name"] = args.new_name
         new = replace(old, **changes)  # type: ignore[arg-type]
@@ -210,6 +261,41 @@ def _run(args: argparse.Namespace, inv: Inventory) -> int:
         return 0
     if cmd == "remove":
         node = inv.remove_node(find_node(inv, args.name).name)
+        if server_pid(inv.data_dir) is None:
+            remove_overlay(inv.data_dir, node.mac)  # a running server removes it itself
         print(f"removed node {node.name} ({node.mac})")
         return 0
+    if cmd == "reset":
+        return _reset(inv, find_node(inv, args.name), args.force)
     raise AssertionError(cmd)
+
+
+def _limit(text: str) -> int:
+    try:
+        return parse_size(text)
+    except InventoryError:
+        raise InventoryError(f"--overlay-limit {text!r}: give a size like 500M or 2G") from None
+
+
+def _reset(inv: Inventory, node: Node, force: bool) -> int:
+    if node_base(node, {i.name: i for i in inv.images()}) is None:
+        raise InventoryError(f"node {node.name} has no disk to reset")
+    if server_pid(inv.data_dir) is None:
+        remove_overlay(inv.data_dir, node.mac)  # no server holds it: the next login starts empty
+        print(f"reset node {node.name}: its disk is the clean base image again")
+        return 0
+    sessions = [s for s in inv.iscsi_sessions() if s.node == node.name]
+    if sessions and not force:
+        raise InventoryError(f"node {node.name} is up ({len(sessions)} iSCSI session(s) since "
+                             f"{time.strftime('%H:%M:%S', time.localtime(sessions[0].since))}); "
+                             "shut it down first, or give --force to end its sessions")
+    inv.request_node_reset(node.mac)
+    deadline = time.monotonic() + RESET_WAIT
+    while time.monotonic() < deadline:
+        if node.mac not in inv.node_reset_requests():
+            print(f"reset node {node.name}: its disk is the clean base image again"
+                  + (f" ({len(sessions)} session(s) ended)" if sessions else ""))
+            return 0
+        time.sleep(0.1)
+    raise LocalError(f"the server has not carried out the reset of {node.name} within "
+                     f"{RESET_WAIT:.0f} s; it will when it can (see: mobinux status)")

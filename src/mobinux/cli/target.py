@@ -13,6 +13,7 @@ from mobinux.cli.common import data_dir, print_json, print_table
 from mobinux.errors import InventoryError
 from mobinux.inventory.db import Inventory, Target
 from mobinux.service.boot import Endpoint
+from mobinux.service.node_disks import node_base, node_overlay_root
 
 # The part after the prefix: lower case, as IQNs are compared case-insensitively and
 # stringprep'd to lower case (RFC 7143 §4.2.7.1); "node." names belong to node disks.
@@ -145,10 +146,10 @@ def describe_targets(inv: Inventory) -> list[dict[str, object]]:
         })
     images = {i.name: i for i in inv.images()}
     for node in inv.nodes():
-        image = images.get(node.image) if node.image else None
-        if node.boot != "iscsi" or image is None or image.disk is None:
+        base = node_base(node, images)
+        if base is None:
             continue
-        file = str(inv.data_dir.resolve() / image.disk)
+        file = str(inv.data_dir.resolve() / base)  # the shared base; writes go to the node's overlay
         out.append({
             "name": "node." + node.mac.replace(":", ""),
             "iqn": endpoint.node_target_iqn(node.mac),
@@ -160,6 +161,7 @@ def describe_targets(inv: Inventory) -> list[dict[str, object]]:
             "mutual_chap": False,
             "allow": [endpoint.node_initiator_iqn(node.mac)],
             "node": node.name,
+            "overlay": str(node_overlay_root(inv.data_dir.resolve(), node.mac)),
         })
     return out
 

@@ -83,6 +83,16 @@ _MIGRATIONS: tuple[str, ...] = (
         kind      TEXT NOT NULL
     );
     """,
+    # 3: per-node disks through copy-on-write overlays
+    """
+    ALTER TABLE nodes ADD COLUMN disk TEXT;               -- disk image name (NULL: the boot image's)
+    ALTER TABLE nodes ADD COLUMN persistent INTEGER NOT NULL DEFAULT 0;  -- keep the overlay at boot
+    ALTER TABLE nodes ADD COLUMN overlay_limit INTEGER;  -- bytes, NULL = no cap
+    CREATE TABLE node_resets (                           -- `mobinux node reset` asks the server
+        mac       TEXT PRIMARY KEY,
+        requested REAL NOT NULL
+    );
+    """,
 )
 
 BOOT_MODES = ("ramdisk", "kernel", "iscsi", "local")
@@ -154,10 +164,21 @@ class Node:
     loader: str = "ipxe"
     cmdline: str = ""
     created: float = field(default=0.0)
+    disk: str | None = None  # disk image served as the node's own iSCSI disk (None: see disk_image)
+    persistent: bool = False  # keep the overlay across boots
+    overlay_limit: int | None = None  # bytes the overlay may hold; None = no cap
 
     @property
     def image(self) -> str | None:
         return self.images[0] if self.images else None
+
+    @property
+    def disk_image(self) -> str | None:
+        """The image behind the node's own iSCSI disk: ``--disk``, else the boot image of a
+        ``--boot iscsi`` or ``--boot kernel`` node (which may or may not be a disk image)."""
+        if self.disk is not None:
+            return self.disk
+        return self.image if self.boot in ("iscsi", "kernel") else None
 
 
 @dataclass(frozen=True)
@@ -184,6 +205,9 @@ def _node_from_row(row: sqlite3.Row) -> Node:
         loader=row["loader"],
         cmdline=row["cmdline"],
         created=row["created"],
+        disk=row["disk"],
+        persistent=bool(row["persistent"]),
+        overlay_limit=row["overlay_limit"],
     )
 
 
@@ -318,8 +342,8 @@ class Inventory:
                 raise InventoryError(f"no image named {name!r} (see: mobinux image list)")
             users = [
                 r["name"]
-                for r in db.execute("SELECT name, images FROM nodes")
-                if name in json.loads(r["images"])
+                for r in db.execute("SELECT name, images, disk FROM nodes")
+                if name in json.loads(r["images"]) or r["disk"] == name
             ]
             if users:
                 raise InventoryError(
@@ -341,10 +365,11 @@ class Inventory:
         with self._tx() as db:
             self._check_node_conflicts(db, node, replacing=None)
             db.execute(
-                "INSERT INTO nodes (name, mac, ip, images, boot, loader, cmdline, created)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO nodes (name, mac, ip, images, boot, loader, cmdline, created, disk,"
+                " persistent, overlay_limit) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (node.name, node.mac, node.ip, json.dumps(list(node.images)), node.boot,
-                 node.loader, node.cmdline, node.created or time.time()),
+                 node.loader, node.cmdline, node.created or time.time(), node.disk,
+                 int(node.persistent), node.overlay_limit),
             )
 
     def replace_node(self, old_name: str, node: Node) -> None:
@@ -353,10 +378,11 @@ class Inventory:
                 raise InventoryError(f"no node named {old_name!r} (see: mobinux node list)")
             self._check_node_conflicts(db, node, replacing=old_name)
             db.execute(
-                "UPDATE nodes SET name=?, mac=?, ip=?, images=?, boot=?, loader=?, cmdline=?"
-                " WHERE name = ?",
+                "UPDATE nodes SET name=?, mac=?, ip=?, images=?, boot=?, loader=?, cmdline=?,"
+                " disk=?, persistent=?, overlay_limit=? WHERE name = ?",
                 (node.name, node.mac, node.ip, json.dumps(list(node.images)), node.boot,
-                 node.loader, node.cmdline, old_name),
+                 node.loader, node.cmdline, node.disk, int(node.persistent), node.overlay_limit,
+                 old_name),
             )
 
     def _check_node_conflicts(self, db: sqlite3.Connection, node: Node, replacing: str | None) -> None:
@@ -367,7 +393,7 @@ class Inventory:
             row = db.execute(f"SELECT name FROM nodes WHERE {column} = ?", (value,)).fetchone()
             if row is not None and row["name"] != replacing:
                 raise InventoryError(f"node {row['name']!r} already has the {what} {value}")
-        for image in node.images:
+        for image in node.images + ((node.disk,) if node.disk else ()):
             if db.execute("SELECT 1 FROM images WHERE name = ?", (image,)).fetchone() is None:
                 raise InventoryError(f"no image named {image!r} (see: mobinux image list)")
 
@@ -469,6 +495,20 @@ class Inventory:
             IscsiSessionRecord(r["initiator"], r["target"], r["node"], r["peer"], r["since"], r["kind"])
             for r in self._db.execute("SELECT * FROM iscsi_sessions ORDER BY since, id")
         ]
+
+    # -- node resets (``mobinux node reset`` while a server runs) ---------------
+
+    def request_node_reset(self, mac: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO node_resets (mac, requested) VALUES (?, ?)",
+                       (mac, time.time()))
+
+    def node_reset_requests(self) -> list[str]:
+        return [r["mac"] for r in self._db.execute("SELECT mac FROM node_resets ORDER BY requested")]
+
+    def finish_node_reset(self, mac: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM node_resets WHERE mac = ?", (mac,))
 
     # -- free-form settings -------------------------------------------------
 

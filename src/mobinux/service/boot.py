@@ -20,6 +20,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -31,6 +32,7 @@ from mobinux.bootcfg import ipxe, pxelinux
 from mobinux.errors import InventoryError, PathRefused
 from mobinux.inventory.db import Image, Inventory, Node
 from mobinux.paths import contained_file
+from mobinux.service.node_disks import node_base
 from mobinux.service.steps import StepLog
 
 log = logging.getLogger("mobinux.boot")
@@ -123,8 +125,13 @@ class BootService:
         *,
         tftp_root: Path | None = None,
         loader_dirs: tuple[Path, ...] = (),
+        on_boot: Callable[[str], None] | None = None,
     ) -> None:
+        """*on_boot(mac)* is told of each sign that a registered node starts a new
+        boot (its PXE DHCP request, its boot script or pxelinux config); the
+        iSCSI side then ends that node's previous boot (its sessions, its overlay)."""
         self._inv = inventory
+        self._on_boot = on_boot
         self._endpoint = endpoint
         self._steps = steps
         self._tftp_root = tftp_root
@@ -169,6 +176,13 @@ class BootService:
             self._generation = None
         return transient
 
+    def _booting(self, mac: str) -> None:
+        if self._on_boot is not None and mac in self._nodes_by_mac:
+            try:
+                self._on_boot(mac)
+            except Exception:  # the boot goes on; the iSCSI side logs its own errors
+                log.exception("%s: ending the previous boot failed", mac)
+
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -194,6 +208,7 @@ class BootService:
         node = self._node_for_mac(request.mac, enroll=True)
         if node is None:
             return None
+        self._booting(node.mac)
         if request.ip is not None:
             self._steps.learn(request.mac, str(request.ip))
         filename = self._boot_filename(node, request)
@@ -234,9 +249,13 @@ class BootService:
                 ip = IPv4Address(ip_text)
             except ValueError:
                 ip = None
+        iscsi = self.iscsi_info(node)
         return cmdline_mod.NodeNetwork(
             mac=node.mac, hostname=node.name, server=self._endpoint.server, ip=ip,
             subnet=self._endpoint.subnet, gateway=self._endpoint.gateway,
+            iscsi_target="" if iscsi is None else str(iscsi["target"]),
+            iscsi_portal="" if iscsi is None else str(iscsi["portal"]),
+            iscsi_initiator="" if iscsi is None else str(iscsi["initiator"]),
         )
 
     def boot_cmdline(self, node: Node, image: Image, client_ip: str | None = None) -> str:
@@ -248,11 +267,18 @@ class BootService:
         images = [self._images[name] for name in node.images if name in self._images]
         if node.boot in ("local", "iscsi"):
             return []  # nothing to list: the firmware boots on, or iPXE sanboots the disk
+        if node.boot == "kernel":
+            return [i for i in images if i.kernel]  # RAM-disk images, or disks with a boot kernel
         return [i for i in images if i.kind == "ramdisk"]
 
+    def node_has_disk(self, node: Node) -> bool:
+        self._refresh()
+        return node_base(node, self._images) is not None
+
     def iscsi_info(self, node: Node) -> dict[str, object] | None:
-        """Where a ``--boot iscsi`` node's disk is: its own target, its own initiator name, LUN 0."""
-        if node.boot != "iscsi":
+        """Where a node's own disk is (``--boot iscsi``, ``--boot kernel`` or ``--disk``):
+        its own target, its own initiator name, LUN 0."""
+        if not self.node_has_disk(node):
             return None
         return {
             "target": self._endpoint.node_target_iqn(node.mac),
@@ -321,6 +347,7 @@ class BootService:
         if node is None:
             text = ipxe.local_boot_script("this machine is not registered")
         else:
+            self._booting(mac)
             text = self.ipxe_script(node, client_ip)
         self._steps.learn(mac, client_ip)
         return ResolvedFile(name, data=text.encode(), mac=mac)
@@ -331,6 +358,7 @@ class BootService:
             node = self._node_for_mac(mac, enroll=False)
             if node is None:
                 return None  # let pxelinux go on to the next name, as with a missing file
+            self._booting(mac)
             self._steps.learn(mac, client_ip)
             return ResolvedFile(name, data=self.pxelinux_config(node, client_ip).encode(), mac=mac)
         known_mac = self._steps.mac_by_ip.get(client_ip)
@@ -366,7 +394,8 @@ class BootService:
     def describe_node(self, node: Node) -> dict[str, object]:
         self._refresh()
         image = self._images.get(node.image) if node.image else None
-        boot_cmdline = "" if image is None or image.kind != "ramdisk" else self.boot_cmdline(node, image)
+        boot_cmdline = ("" if image is None or node.boot in ("iscsi", "local") or not image.kernel
+                        else self.boot_cmdline(node, image))
         info: dict[str, object] = {
             "name": node.name,
             "mac": node.mac,
@@ -377,6 +406,9 @@ class BootService:
             "loader": node.loader,
             "cmdline": node.cmdline,
             "boot_cmdline": boot_cmdline,
+            "disk": node.disk_image if self.node_has_disk(node) else None,
+            "persistent": node.persistent,
+            "overlay_limit": node.overlay_limit,
             "script_url": self.script_url(node.mac),
         }
         iscsi = self.iscsi_info(node)

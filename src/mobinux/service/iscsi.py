@@ -2,28 +2,34 @@
 
 :class:`IscsiExports` is the directory the iSCSI layer consults at login
 (:class:`mobinux.iscsi.aio.Exports`): the targets added with ``mobinux target
-add`` and one target per ``--boot iscsi`` node, which only that node's
-initiator name may open. Like :class:`~mobinux.service.boot.BootService` it
-re-reads the inventory whenever the database changes, so targets added while
-the server runs are visible at the next login, without a restart.
+add`` and one target per node with a disk, which only that node's initiator
+name may open. Like :class:`~mobinux.service.boot.BootService` it re-reads the
+inventory whenever the database changes, so targets added while the server
+runs are visible at the next login, without a restart.
+
+A node's target serves the node's own copy-on-write overlay over the shared,
+read-only base image (:mod:`mobinux.service.node_disks`); :meth:`node_booting`
+starts a node's new boot (its old sessions closed, its overlay emptied) and
+:meth:`poll` carries out ``mobinux node reset`` requests.
 
 A target's SCSI state (its open file, unit attentions, reservations) lives in
 one :class:`~mobinux.scsi.ScsiTarget` shared by all its sessions; it is
-rebuilt only when the target's definition changes, and sessions already
-logged in keep the object they started with.
+rebuilt only when the target's definition changes (or the node reboots), and
+sessions already logged in keep the object they started with.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mobinux.inventory.db import Inventory
+from mobinux.inventory.db import Image, Inventory, Node
 from mobinux.iscsi.params import ChapSecret, TargetEntry
 from mobinux.scsi import LogicalUnit, ScsiTarget
 from mobinux.service.boot import Endpoint
+from mobinux.service.node_disks import NodeDisks, node_base, remove_overlay
 from mobinux.storage.file import FileDevice
 
 log = logging.getLogger("mobinux.iscsi")
@@ -36,7 +42,22 @@ class ExportSpec:
     iqn: str
     file: str
     readonly: bool
-    node: str | None  # the node whose own disk this is
+
+
+@dataclass(frozen=True)
+class NodeDiskSpec:
+    """A node's own disk: its overlay's base and settings."""
+
+    iqn: str
+    mac: str
+    name: str
+    base: str  # the base image file, relative to the data directory
+    persistent: bool
+    limit: int | None
+
+
+SessionCloser = Callable[[str], int]
+"""Closes every session logged in to a target IQN; returns how many."""
 
 
 class IscsiExports:
@@ -49,6 +70,11 @@ class IscsiExports:
         self._scsi: dict[str, tuple[ExportSpec, ScsiTarget, FileDevice]] = {}
         self._retired: list[FileDevice] = []
         self._warned: set[str] = set()
+        self._node_specs: dict[str, NodeDiskSpec] = {}  # MAC -> spec
+        self._node_iqns: dict[str, str] = {}  # lower-case IQN -> MAC
+        self._node_scsi: dict[str, tuple[NodeDiskSpec, ScsiTarget]] = {}  # MAC -> target
+        self.disks = NodeDisks(inventory.data_dir)
+        self.close_sessions: SessionCloser = lambda iqn: 0  # set by the server
 
     # -- inventory --------------------------------------------------------
 
@@ -67,20 +93,90 @@ class IscsiExports:
             entries[iqn.lower()] = TargetEntry(
                 iqn=iqn, allowed_initiators=frozenset(a.lower() for a in t.allow) or None,
                 chap=chap, mutual_chap=mutual, alias=t.name)
-            specs[iqn.lower()] = ExportSpec(iqn, t.file, t.readonly, None)
+            specs[iqn.lower()] = ExportSpec(iqn, t.file, t.readonly)
         images = {i.name: i for i in self._inv.images()}
+        node_specs: dict[str, NodeDiskSpec] = {}
         for node in self._inv.nodes():
-            image = images.get(node.image) if node.image else None
-            if node.boot != "iscsi" or image is None or image.disk is None:
+            spec = self._node_spec(node, images)
+            if spec is None:
                 continue
-            iqn = self._endpoint.node_target_iqn(node.mac)
-            entries[iqn.lower()] = TargetEntry(
-                iqn=iqn,
+            node_specs[node.mac] = spec
+            entries[spec.iqn.lower()] = TargetEntry(
+                iqn=spec.iqn,
                 allowed_initiators=frozenset({self._endpoint.node_initiator_iqn(node.mac).lower()}),
                 alias=node.name)
-            specs[iqn.lower()] = ExportSpec(iqn, str(self._inv.data_dir / image.disk), False, node.name)
+        for mac in self._node_specs.keys() - node_specs.keys():
+            self._node_gone(mac)
+        for mac, spec in node_specs.items():
+            disk = self.disks.get(mac)
+            if disk is not None:
+                disk.overlay.limit = spec.limit
         self._entries, self._specs = entries, specs
+        self._node_specs = node_specs
+        self._node_iqns = {s.iqn.lower(): mac for mac, s in node_specs.items()}
         self._generation = generation
+
+    def _node_spec(self, node: Node, images: dict[str, Image]) -> NodeDiskSpec | None:
+        base = node_base(node, images)
+        if base is None:
+            return None
+        return NodeDiskSpec(self._endpoint.node_target_iqn(node.mac), node.mac, node.name, base,
+                            node.persistent, node.overlay_limit)
+
+    def _node_gone(self, mac: str) -> None:
+        """A node lost its disk (removed, or no disk any more): end its sessions, drop the overlay."""
+        old = self._node_specs[mac]
+        closed = self.close_sessions(old.iqn)
+        self._node_scsi.pop(mac, None)
+        self.disks.forget(mac)
+        log.info("node %s (%s): no disk any more; %d session(s) closed, overlay removed",
+                 old.name, mac, closed)
+
+    # -- node boots and resets ----------------------------------------------
+
+    def node_booting(self, mac: str) -> None:
+        """The node starts a new boot (its PXE DHCP request or boot script was seen).
+
+        Sessions of its previous boot are closed first (a power-cycled machine
+        never logs out), then its overlay is emptied, unless it is persistent.
+        Called before this boot's own logins, which come after the boot
+        script; nothing calls it between iPXE's login and the booted system's.
+        """
+        self._refresh()
+        spec = self._node_specs.get(mac)
+        if spec is None:
+            return
+        self._reset(spec, force=False, why="new boot")
+
+    def _reset(self, spec: NodeDiskSpec, *, force: bool, why: str) -> None:
+        disk = self.disks.get(spec.mac)
+        if spec.persistent and not force:
+            return
+        if disk is not None and not disk.used and disk.base_rel == spec.base and not force:
+            return  # untouched since its last reset: several DHCP packets per boot
+        closed = self.close_sessions(spec.iqn)
+        try:
+            discarded = self.disks.reset(spec.mac, spec.base, persistent=spec.persistent,
+                                         limit=spec.limit, force=force)
+        except OSError as exc:
+            log.error("node %s: cannot reset its overlay: %s", spec.name, exc.strerror or exc)
+            return
+        self._node_scsi.pop(spec.mac, None)  # new boot, new unit attentions and reservations
+        if discarded or closed:
+            log.info("node %s: %s: %d old session(s) closed, overlay %s", spec.name, why, closed,
+                     "emptied" if discarded else "unchanged")
+
+    def poll(self) -> None:
+        """Carry out ``mobinux node reset`` requests (the server calls this every second)."""
+        self._refresh()
+        for mac in self._inv.node_reset_requests():
+            spec = self._node_specs.get(mac)
+            if spec is not None:
+                self._reset(spec, force=True, why="reset by mobinux node reset")
+            else:
+                self.disks.close_node(mac)
+                remove_overlay(self._inv.data_dir, mac)
+            self._inv.finish_node_reset(mac)
 
     # -- TargetDirectory ----------------------------------------------------
 
@@ -105,6 +201,9 @@ class IscsiExports:
     def scsi_target(self, iqn: str) -> ScsiTarget | None:
         self._refresh()
         key = iqn.lower()
+        mac = self._node_iqns.get(key)
+        if mac is not None:
+            return self._node_target(self._node_specs[mac])
         spec = self._specs.get(key)
         if spec is None:
             return None
@@ -124,13 +223,36 @@ class IscsiExports:
         self._scsi[key] = (spec, target, device)
         return target
 
+    def _node_target(self, spec: NodeDiskSpec) -> ScsiTarget | None:
+        cached = self._node_scsi.get(spec.mac)
+        disk = self.disks.get(spec.mac)
+        if cached is not None and cached[0] == spec and disk is not None:
+            disk.used = True
+            return cached[1]
+        # A node whose image changed while it runs keeps the base it booted
+        # (disks.open returns the open overlay); node_booting moves it.
+        try:
+            disk = self.disks.open(spec.mac, spec.base, persistent=spec.persistent, limit=spec.limit)
+        except OSError as exc:
+            if spec.base not in self._warned:
+                self._warned.add(spec.base)
+                log.warning("node %s: cannot open its disk (%s): %s", spec.name, spec.base,
+                            exc.strerror or exc)
+            return None
+        disk.used = True
+        target = ScsiTarget({0: LogicalUnit(disk.overlay, device_id=f"{spec.iqn}/0")})
+        self._node_scsi[spec.mac] = (spec, target)
+        return target
+
     def node_of(self, iqn: str) -> str | None:
         """The node whose own disk target *iqn* is, for ``mobinux status``."""
         self._refresh()
-        spec = self._specs.get(iqn.lower())
-        return None if spec is None else spec.node
+        mac = self._node_iqns.get(iqn.lower())
+        return None if mac is None else self._node_specs[mac].name
 
     def close(self) -> None:
+        self.disks.close()
+        self._node_scsi.clear()
         for _, _, device in self._scsi.values():
             device.close()
         for device in self._retired:

@@ -1,0 +1,218 @@
+"""Acceptance (issue 4): two VMs boot one base image diskless, root on iSCSI, each
+through its own copy-on-write overlay that is thrown away when it reboots.
+
+The base image is an ext4 file system (built without root by ``mkfs.ext4 -d``)
+whose ``/sbin/init`` prints what ``/data`` holds, writes ``/data/<host>.txt``,
+syncs, and then lists ``/data`` every few seconds. Both nodes are
+``--boot kernel --disk base``: iPXE loads a kernel and an initramfs over HTTP;
+the initramfs logs in with ``iscsistart`` using the ``{initiator}``,
+``{target}`` and ``{portal}`` placeholders of its kernel command line, mounts
+``/dev/sda`` and switches root to it. Then:
+
+* neither VM ever lists the other's file;
+* VM A is power-cycled (QEMU killed, never logging out) and boots again: its
+  file is gone (its new boot reset its overlay), while VM B, still running,
+  keeps listing its own;
+* the base image's bytes are unchanged, and ``node show`` reports each
+  overlay's size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import (
+    ProcessGroup,
+    guest_kernel,
+    netns,
+    run_vm,
+    skip_unless_ready,
+    start_ipv6_ra,
+)
+from tests.e2e.test_iscsi_kernel_initiator import (
+    ISCSISTART,
+    MODULES,
+    _copy_with_libraries,
+    _kernel_modules_dir,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+MAC_A, MAC_B = "52:54:00:00:00:51", "52:54:00:00:00:52"
+BOOT_TIMEOUT = 400.0
+BUSYBOX = Path("/bin/busybox")
+APPLETS = ("sh", "ls", "cat", "echo", "mount", "sync", "sleep", "tr", "sed", "mkdir", "umount")
+
+INITRAMFS_INIT = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+exec </dev/console >/dev/console 2>&1
+arg() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
+fail() { echo "DISKLESS-INITRAMFS-FAILED: $*"; poweroff -f; }
+for m in /modules/*.ko; do insmod "$m" || echo "insmod $m failed"; done
+set -- $(sed -n 's/.*ip=\([0-9.]*\):\([0-9.]*\):.*/\1 \2/p' /proc/cmdline)
+for i in $(seq 1 20); do [ -e /sys/class/net/eth0 ] && break; sleep 0.5; done
+ip link set lo up
+ip link set eth0 up
+ip addr add "$1/24" dev eth0
+PORTAL=$(arg mbx.portal)
+echo "initramfs: logging in to $(arg mbx.target) at $PORTAL as $(arg mbx.initiator)"
+iscsistart -i "$(arg mbx.initiator)" -t "$(arg mbx.target)" -g 1 -a "${PORTAL%:*}" \
+    -p "${PORTAL##*:}" || fail "iscsistart"
+for i in $(seq 1 40); do [ -b /dev/sda ] && break; sleep 0.5; done
+mkdir -p /newroot
+mount -t ext4 /dev/sda /newroot || fail "mount /dev/sda"
+mount --move /proc /newroot/proc
+mount --move /sys /newroot/sys
+mount --move /dev /newroot/dev
+exec switch_root /newroot /sbin/init
+"""
+
+ROOT_INIT = r"""#!/bin/sh
+export PATH=/bin
+exec </dev/console >/dev/console 2>&1
+HOST=$(sed -n 's/.*mbx.host=\([^ ]*\).*/\1/p' /proc/cmdline)
+echo "ROOT-UP $HOST: [$(ls /data | tr '\n' ' ')]"
+echo "written by $HOST" > /data/$HOST.txt
+sync
+echo "WROTE $HOST"
+i=0
+while :; do
+    i=$((i + 1))
+    echo "LS $HOST $i: [$(ls /data | tr '\n' ' ')]"
+    sleep 3
+done
+"""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _base_image(tmp_path: Path) -> Path:
+    root = tmp_path / "base-root"
+    for d in ("bin", "sbin", "proc", "sys", "dev", "data"):
+        (root / d).mkdir(parents=True)
+    shutil.copy(BUSYBOX, root / "bin" / "busybox")
+    for applet in APPLETS:
+        os.symlink("busybox", root / "bin" / applet)
+    (root / "data" / "from-base.txt").write_text("in the base image\n")
+    init = root / "sbin" / "init"
+    init.write_text(ROOT_INIT)
+    init.chmod(0o755)
+    image = tmp_path / "base.img"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "mbxbase", "-d", str(root), str(image), "48M"],
+                   check=True, capture_output=True, timeout=60)
+    return image
+
+
+def _initramfs_tree(tmp_path: Path) -> Path:
+    tree = tmp_path / "initramfs"
+    for d in ("bin", "sbin", "proc", "sys", "dev", "modules", "newroot"):
+        (tree / d).mkdir(parents=True)
+    shutil.copy(BUSYBOX, tree / "bin" / "busybox")
+    modules = _kernel_modules_dir()
+    for index, module in enumerate(MODULES):
+        shutil.copy(modules / f"{module}.ko", tree / "modules" / f"{index:02d}-{Path(module).name}.ko")
+    _copy_with_libraries(ISCSISTART, tree)
+    init = tree / "init"
+    init.write_text(INITRAMFS_INIT)
+    init.chmod(0o755)
+    return tree
+
+
+def _listings(console: str, host: str) -> list[str]:
+    return re.findall(rf"(?:ROOT-UP|LS) {host}(?: \d+)?: \[([^\]]*)\]", console)
+
+
+def test_two_nodes_share_one_base_and_a_reboot_discards_only_that_nodes_changes(tmp_path: Path) -> None:
+    skip_unless_ready()
+    if not ISCSISTART.is_file():
+        pytest.skip("iscsistart not installed (apt-get install open-iscsi)")
+    kernel = guest_kernel()
+    base = _base_image(tmp_path)
+    base_sha = _sha256(base)
+    tree = _initramfs_tree(tmp_path)
+    data = tmp_path / "data"
+
+    def mobinux(*args: str) -> str:
+        res = subprocess.run([sys.executable, "-m", "mobinux", "--data-dir", str(data), *args],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, f"mobinux {' '.join(args)}: {res.stderr}"
+        return res.stdout
+
+    mobinux("image", "import", str(base), "--name", "base", "--format", "raw")
+    stored = data / "disks" / "base" / "disk.raw"
+    stored_sha = _sha256(stored)
+    mobinux("image", "ramdisk", str(tree), "--kernel", str(kernel), "--name", "diskless",
+            "--cmdline", "console=ttyS0 panic=-1 {ipconfig} mbx.target={target} mbx.portal={portal} "
+            "mbx.initiator={initiator} mbx.host={hostname}")
+    procs = ProcessGroup(tmp_path / "logs")
+    with netns(taps=2) as ns:
+        try:
+            for mac, name, host in ((MAC_A, "vma", 61), (MAC_B, "vmb", 62)):
+                mobinux("node", "add", mac, "--name", name, "--ip", ns.address(host),
+                        "--image", "diskless", "--boot", "kernel", "--disk", "base")
+            shown = json.loads(mobinux("node", "show", "vma", "--json"))
+            assert f"mbx.initiator={shown['iscsi']['initiator']}" in shown["boot_cmdline"]
+            assert f"mbx.target={shown['iscsi']['target']}" in shown["boot_cmdline"]
+            server = procs.start(ns, [sys.executable, "-m", "mobinux", "--data-dir", str(data), "serve",
+                                      "--interface", ns.bridge, "--dhcp", "full", "--dhcp-range",
+                                      ns.address(100) + "-" + ns.address(150)], "mobinux")
+            server.wait_for("serving on", timeout=20)
+            start_ipv6_ra(procs, ns)
+            with run_vm(ns, ns.taps[1], MAC_B, "bios", BOOT_TIMEOUT, workdir=tmp_path, name="vmb") as vmb:
+                with run_vm(ns, ns.taps[0], MAC_A, "bios", BOOT_TIMEOUT, workdir=tmp_path,
+                            name="vma-boot1") as vma:
+                    vma.wait_for(r"WROTE vma")
+                    vmb.wait_for(r"WROTE vmb")
+                    vma.wait_for(r"LS vma 2:")
+                    vmb.wait_for(r"LS vmb 2:")
+                    first_a = _listings(vma.console(), "vma")
+                    overlay_a = json.loads(mobinux("node", "show", "vma", "--json"))["overlay_bytes"]
+                    status = json.loads(mobinux("status", "--json"))
+                # VM A lost power: it never logged out. Its next boot must end the old
+                # session and discard its overlay; VM B keeps running meanwhile.
+                with run_vm(ns, ns.taps[0], MAC_A, "bios", BOOT_TIMEOUT, workdir=tmp_path,
+                            name="vma-boot2") as vma2:
+                    vma2.wait_for(r"ROOT-UP vma")
+                    second_a = _listings(vma2.console(), "vma")
+                    mark_b = len(vmb.console())
+                    deadline = time.monotonic() + 30
+                    while not _listings(vmb.console()[mark_b:], "vmb") and time.monotonic() < deadline:
+                        time.sleep(0.5)
+                    after_b = _listings(vmb.console()[mark_b:], "vmb")
+                all_b = _listings(vmb.console(), "vmb")
+            server_log = server.log()
+        finally:
+            procs.stop_all()
+    # each saw the base's file and its own, never the other's
+    assert first_a and all("from-base.txt" in entry for entry in first_a), first_a
+    assert "vma.txt" in first_a[-1] and not any("vmb.txt" in e for e in first_a), first_a
+    assert all_b and "vmb.txt" in all_b[-1] and not any("vma.txt" in e for e in all_b), all_b
+    # after the power cycle A's file is gone; B, not rebooted, still has its own
+    assert second_a[0].split() == ["from-base.txt"], second_a
+    assert after_b and all("vmb.txt" in e and "vma.txt" not in e for e in after_b), after_b
+    assert overlay_a > 0
+    assert "the node booted again" in server_log or "old session(s) closed" in server_log, server_log[-3000:]
+    assert _sha256(stored) == stored_sha  # the shared base was never written
+    assert _sha256(base) == base_sha
+    sessions = {(s["node"], s["initiator"]) for s in status["iscsi_sessions"]}
+    assert ("vma", shown["iscsi"]["initiator"]) in sessions and any(n == "vmb" for n, _ in sessions)
