@@ -32,6 +32,8 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.harness import (
+    BackgroundProcess,
+    NetNS,
     ProcessGroup,
     guest_kernel,
     netns,
@@ -51,7 +53,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MAC_A, MAC_B = "52:54:00:00:00:51", "52:54:00:00:00:52"
 BOOT_TIMEOUT = 400.0
 BUSYBOX = Path("/bin/busybox")
-APPLETS = ("sh", "ls", "cat", "echo", "mount", "sync", "sleep", "tr", "sed", "mkdir", "umount")
+APPLETS = ("sh", "ls", "cat", "echo", "mount", "sync", "sleep", "tr", "sed", "mkdir", "umount", "cut")
 
 INITRAMFS_INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -86,9 +88,11 @@ export PATH=/bin
 exec </dev/console >/dev/console 2>&1
 HOST=$(sed -n 's/.*mbx.host=\([^ ]*\).*/\1/p' /proc/cmdline)
 echo "ROOT-UP $HOST: [$(ls /data | tr '\n' ' ')]"
+BOOT=$(cut -c1-8 /proc/sys/kernel/random/uuid)
 echo "written by $HOST" > /data/$HOST.txt
+echo "boot $BOOT" > /data/boot-$HOST-$BOOT.txt
 sync
-echo "WROTE $HOST"
+echo "WROTE $HOST boot-$HOST-$BOOT.txt"
 i=0
 while :; do
     i=$((i + 1))
@@ -142,28 +146,48 @@ def _listings(console: str, host: str) -> list[str]:
     return re.findall(rf"(?:ROOT-UP|LS) {host}(?: \d+)?: \[([^\]]*)\]", console)
 
 
-def test_two_nodes_share_one_base_and_a_reboot_discards_only_that_nodes_changes(tmp_path: Path) -> None:
+class Mobinux:
+    def __init__(self, data: Path) -> None:
+        self.data = data
+
+    def __call__(self, *args: str) -> str:
+        res = subprocess.run([sys.executable, "-m", "mobinux", "--data-dir", str(self.data), *args],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, f"mobinux {' '.join(args)}: {res.stderr}"
+        return res.stdout
+
+
+def _prepare(tmp_path: Path) -> tuple[Mobinux, Path]:
+    """The base image imported as ``base`` and the diskless initramfs as ``diskless``."""
     skip_unless_ready()
     if not ISCSISTART.is_file():
         pytest.skip("iscsistart not installed (apt-get install open-iscsi)")
     kernel = guest_kernel()
     base = _base_image(tmp_path)
-    base_sha = _sha256(base)
     tree = _initramfs_tree(tmp_path)
-    data = tmp_path / "data"
-
-    def mobinux(*args: str) -> str:
-        res = subprocess.run([sys.executable, "-m", "mobinux", "--data-dir", str(data), *args],
-                             capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, f"mobinux {' '.join(args)}: {res.stderr}"
-        return res.stdout
-
+    mobinux = Mobinux(tmp_path / "data")
     mobinux("image", "import", str(base), "--name", "base", "--format", "raw")
-    stored = data / "disks" / "base" / "disk.raw"
-    stored_sha = _sha256(stored)
     mobinux("image", "ramdisk", str(tree), "--kernel", str(kernel), "--name", "diskless",
             "--cmdline", "console=ttyS0 panic=-1 {ipconfig} mbx.target={target} mbx.portal={portal} "
             "mbx.initiator={initiator} mbx.host={hostname}")
+    return mobinux, base
+
+
+def _serve(procs: ProcessGroup, ns: NetNS, data: Path) -> BackgroundProcess:
+    server = procs.start(ns, [sys.executable, "-m", "mobinux", "--data-dir", str(data), "serve",
+                              "--interface", ns.bridge, "--dhcp", "full", "--dhcp-range",
+                              ns.address(100) + "-" + ns.address(150)], "mobinux")
+    server.wait_for("serving on", timeout=20)
+    start_ipv6_ra(procs, ns)
+    return server
+
+
+def test_two_nodes_share_one_base_and_a_reboot_discards_only_that_nodes_changes(tmp_path: Path) -> None:
+    mobinux, base = _prepare(tmp_path)
+    data = mobinux.data
+    base_sha = _sha256(base)
+    stored = data / "disks" / "base" / "disk.raw"
+    stored_sha = _sha256(stored)
     procs = ProcessGroup(tmp_path / "logs")
     with netns(taps=2) as ns:
         try:
@@ -173,11 +197,7 @@ def test_two_nodes_share_one_base_and_a_reboot_discards_only_that_nodes_changes(
             shown = json.loads(mobinux("node", "show", "vma", "--json"))
             assert f"mbx.initiator={shown['iscsi']['initiator']}" in shown["boot_cmdline"]
             assert f"mbx.target={shown['iscsi']['target']}" in shown["boot_cmdline"]
-            server = procs.start(ns, [sys.executable, "-m", "mobinux", "--data-dir", str(data), "serve",
-                                      "--interface", ns.bridge, "--dhcp", "full", "--dhcp-range",
-                                      ns.address(100) + "-" + ns.address(150)], "mobinux")
-            server.wait_for("serving on", timeout=20)
-            start_ipv6_ra(procs, ns)
+            server = _serve(procs, ns, data)
             with run_vm(ns, ns.taps[1], MAC_B, "bios", BOOT_TIMEOUT, workdir=tmp_path, name="vmb") as vmb:
                 with run_vm(ns, ns.taps[0], MAC_A, "bios", BOOT_TIMEOUT, workdir=tmp_path,
                             name="vma-boot1") as vma:
@@ -216,3 +236,62 @@ def test_two_nodes_share_one_base_and_a_reboot_discards_only_that_nodes_changes(
     assert _sha256(base) == base_sha
     sessions = {(s["node"], s["initiator"]) for s in status["iscsi_sessions"]}
     assert ("vma", shown["iscsi"]["initiator"]) in sessions and any(n == "vmb" for n, _ in sessions)
+
+
+def _boot_file(console: str, host: str) -> str:
+    match = re.search(rf"WROTE {host} (boot-{host}-\w+\.txt)", console)
+    assert match is not None, console[-3000:]
+    return match.group(1)
+
+
+def test_image_commit_reaches_other_nodes_at_their_next_boot_and_persistent_nodes_keep_changes(
+        tmp_path: Path) -> None:
+    mobinux, _ = _prepare(tmp_path)
+    data = mobinux.data
+    procs = ProcessGroup(tmp_path / "logs")
+    with netns(taps=2) as ns:
+        try:
+            for mac, name, host in ((MAC_A, "vma", 61), (MAC_B, "vmb", 62)):
+                mobinux("node", "add", mac, "--name", name, "--ip", ns.address(host),
+                        "--image", "diskless", "--boot", "kernel", "--disk", "base")
+            _serve(procs, ns, data)
+            with run_vm(ns, ns.taps[1], MAC_B, "bios", BOOT_TIMEOUT, workdir=tmp_path, name="vmb1") as vmb:
+                # A installs something (its boot writes files), shuts down; its changes are committed
+                with run_vm(ns, ns.taps[0], MAC_A, "bios", BOOT_TIMEOUT, workdir=tmp_path,
+                            name="vma1") as vma:
+                    installed = _boot_file(vma.wait_for(r"WROTE vma boot-\S+\.txt"), "vma")
+                    vma.wait_for(r"LS vma 1:")
+                vmb.wait_for(r"WROTE vmb")
+                # Switched off, A never logged out: its session lingers, hence --force
+                # (its boot synced what it wrote).
+                committed = mobinux("image", "commit", "vma", "--force")
+                assert "version 2" in committed
+                # B runs the old version: it keeps listing without A's files
+                mark = len(vmb.console())
+                vmb.wait_for(r"LS vmb \d+:.*", timeout=10)
+                deadline = time.monotonic() + 20
+                while not _listings(vmb.console()[mark:], "vmb") and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                b_running = _listings(vmb.console()[mark:], "vmb")
+            # B reboots: the new version, without its own old changes
+            with run_vm(ns, ns.taps[1], MAC_B, "bios", BOOT_TIMEOUT, workdir=tmp_path, name="vmb2") as vmb2:
+                vmb2.wait_for(r"ROOT-UP vmb")
+                b_rebooted = _listings(vmb2.console(), "vmb")[0].split()
+            # A, now persistent, keeps what a boot wrote at its next boot
+            mobinux("node", "set", "vma", "--persistent")
+            with run_vm(ns, ns.taps[0], MAC_A, "bios", BOOT_TIMEOUT, workdir=tmp_path, name="vma2") as vma2:
+                kept = _boot_file(vma2.wait_for(r"WROTE vma boot-\S+\.txt"), "vma")
+                vma2.wait_for(r"LS vma 1:")
+            with run_vm(ns, ns.taps[0], MAC_A, "bios", BOOT_TIMEOUT, workdir=tmp_path, name="vma3") as vma3:
+                vma3.wait_for(r"ROOT-UP vma")
+                a_persistent = _listings(vma3.console(), "vma")[0].split()
+        finally:
+            procs.stop_all()
+    assert b_running and all(installed not in e and "vma.txt" not in e for e in b_running), b_running
+    assert installed in b_rebooted and "vma.txt" in b_rebooted, b_rebooted
+    assert not any(f.startswith("boot-vmb-") for f in b_rebooted) and "vmb.txt" not in b_rebooted
+    assert kept in a_persistent and installed in a_persistent, a_persistent
+    # the persistent node still sits on version 1 (what it was made on); reset, nothing does
+    assert (data / "disks" / "base" / "disk.raw").exists()
+    mobinux("node", "reset", "vma")
+    assert not (data / "disks" / "base" / "disk.raw").exists()

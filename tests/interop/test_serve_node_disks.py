@@ -138,3 +138,47 @@ def test_persistent_node_and_node_reset(srv: Server) -> None:
     assert _pattern_ok(srv, MAC_A, 0, 65536, 0x5A)
     res = _mobinux(srv, "node", "reset", "pcz", ok=False)
     assert res.returncode == 1 and "no node named 'pcz'" in res.stderr
+
+
+def test_image_commit_and_update_make_versions_that_nodes_get_at_their_next_boot(
+        srv: Server, tmp_path: Path) -> None:
+    disks = srv.data_dir / "disks" / "base"
+    assert _qemu_io(srv, MAC_A, "write -P 0x11 0 64k", "flush").returncode == 0  # installed on A
+    assert _qemu_io(srv, MAC_B, "write -P 0x22 1M 64k", "flush").returncode == 0  # B runs v1
+    res = _mobinux(srv, "image", "commit", "pca")
+    assert "version 2" in res.stdout
+    image = next(i for i in json.loads(_mobinux(srv, "image", "list", "--json").stdout)
+                 if i["name"] == "base")
+    assert image["version"] == 2 and image["disk"] == "disks/base/v2.raw"
+    # B has not rebooted: it keeps version 1 and its own changes
+    assert _pattern_ok(srv, MAC_B, 0, 65536, 0x5A)
+    assert _pattern_ok(srv, MAC_B, 1 << 20, 65536, 0x22)
+    assert (disks / "disk.raw").exists()  # still in use
+    _boot_script(srv, MAC_B)  # B boots again: the new version, its changes gone
+    assert _pattern_ok(srv, MAC_B, 0, 65536, 0x11)
+    assert _pattern_ok(srv, MAC_B, 1 << 20, 65536, 0x5A)
+    assert (disks / "disk.raw").exists()  # A's overlay still sits on version 1
+    _boot_script(srv, MAC_A)
+    assert _pattern_ok(srv, MAC_A, 0, 65536, 0x11)  # A's changes are the base now
+    assert not (disks / "disk.raw").exists()  # nobody uses version 1: freed
+    # a new version from a file
+    new = tmp_path / "new.raw"
+    new.write_bytes(b"\x77" * BASE_SIZE)
+    assert "version 3" in _mobinux(srv, "image", "import", str(new), "--name", "base", "--format",
+                                   "raw", "--update").stdout
+    assert _pattern_ok(srv, MAC_A, 0, 65536, 0x11)  # running: unchanged
+    _boot_script(srv, MAC_A)
+    assert _pattern_ok(srv, MAC_A, 0, 65536, 0x77)
+    # committing a node with nothing written, an unknown image to update
+    res = _mobinux(srv, "image", "commit", "pca", ok=False)
+    assert res.returncode == 1 and "nothing to commit" in res.stderr
+    res = _mobinux(srv, "image", "import", str(new), "--name", "nope", "--update", ok=False)
+    assert res.returncode == 1 and "no disk image 'nope'" in res.stderr
+    # commit into a new image: the node's own image is left as it was
+    assert _qemu_io(srv, MAC_A, "write -P 0x31 0 64k", "flush").returncode == 0
+    assert "a new disk image" in _mobinux(srv, "image", "commit", "pca", "--name", "desk2").stdout
+    _mobinux(srv, "node", "set", "pcb", "--image", "desk2")
+    _boot_script(srv, MAC_B)
+    assert _pattern_ok(srv, MAC_B, 0, 65536, 0x31)
+    _boot_script(srv, MAC_A)
+    assert _pattern_ok(srv, MAC_A, 0, 65536, 0x77)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import shutil
@@ -14,6 +15,7 @@ from mobinux.bootcfg.cmdline import check_template
 from mobinux.cli.common import data_dir, print_json, print_table
 from mobinux.cli.progress import ProgressBar
 from mobinux.errors import ImageError, InventoryError
+from mobinux.images.versions import DISKS_DIR, version_file
 from mobinux.inventory.db import Image, Inventory
 
 _COMPRESSIONS = ("gzip", "xz", "zstd")
@@ -52,6 +54,23 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--name", required=True, help="image name")
     p.add_argument("--format", dest="disk_format", metavar="FORMAT",
                    help="the file's format when qemu-img cannot tell (default: detected)")
+    p.add_argument("--update", action="store_true",
+                   help="install FILE as the next version of the existing disk image NAME: nodes "
+                   "get it at their next boot, running ones keep theirs until then")
+    p = isub.add_parser(
+        "commit",
+        help="make a node's disk changes the next version of its disk image",
+        description="Install software on one node, shut it down, then commit: the node's "
+        "overlay (its changes since it booted) is applied to a copy of its base image, which "
+        "becomes the image's next version (or the new image --name). Every node gets it at its "
+        "next boot; running nodes keep the version they booted until then, and old versions are "
+        "removed once no node uses them. Writes the node never flushed are not included.",
+    )
+    p.add_argument("node", help="node name or MAC")
+    p.add_argument("--name", help="image to commit into: the node's own disk image (default), "
+                   "or a new image of this name")
+    p.add_argument("--force", action="store_true",
+                   help="commit while the node is up (its unflushed writes are left out)")
     p = isub.add_parser("list", help="list images")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = isub.add_parser("remove", help="remove an image no node uses")
@@ -76,8 +95,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-DISKS_DIR = "disks"  # not under images/: disks are never served over TFTP or HTTP
-
 
 def _new_image_name(inv: Inventory, name: str) -> str:
     if not name or "/" in name or name.startswith(".") or len(name) > 64:
@@ -90,6 +107,8 @@ def _new_image_name(inv: Inventory, name: str) -> str:
 def _import(args: argparse.Namespace, inv: Inventory) -> int:
     from mobinux.images.disk import convert_to_raw, inspect
 
+    if args.update:
+        return _import_update(args, inv)
     name = _new_image_name(inv, args.name)
     info = inspect(args.file, args.disk_format)
     disks = inv.data_dir / DISKS_DIR
@@ -110,6 +129,97 @@ def _import(args: argparse.Namespace, inv: Inventory) -> int:
         created=time.time(), disk=f"{DISKS_DIR}/{name}/disk.raw",
     ))
     print(f"image {name}: {info.format} disk of {size / 2**20:.1f} MiB imported")
+    return 0
+
+
+def _import_update(args: argparse.Namespace, inv: Inventory) -> int:
+    from mobinux.images.disk import convert_to_raw, inspect
+
+    image = inv.get_image(args.name)
+    if image is None or image.disk is None:
+        raise InventoryError(f"--update needs an existing disk image; there is no disk image "
+                             f"{args.name!r} (import it without --update first)")
+    info = inspect(args.file, args.disk_format)
+    disks = inv.data_dir / DISKS_DIR
+    version = image.version + 1
+    rel = f"{DISKS_DIR}/{image.name}/{version_file(version)}"
+    work = Path(tempfile.mkdtemp(prefix=f".{image.name}.", dir=disks))
+    try:
+        size = convert_to_raw(args.file, work / "disk.raw", info,
+                              progress=ProgressBar(f"importing {image.name} v{version}"))
+        os.rename(work / "disk.raw", inv.data_dir / rel)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return _install_version(inv, image, rel, size, f"{info.format} disk of {size / 2**20:.1f} MiB")
+
+
+def _install_version(inv: Inventory, image: Image, rel: str, size: int, what: str) -> int:
+    from mobinux.images.versions import collect_unused
+
+    try:
+        inv.new_disk_version(image.name, image.version, rel, size)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            (inv.data_dir / rel).unlink()
+        raise
+    collect_unused(inv.data_dir, {i.disk for i in inv.images() if i.disk is not None})
+    print(f"image {image.name}: version {image.version + 1} ({what}); nodes get it at their "
+          "next boot")
+    return 0
+
+
+def _commit(args: argparse.Namespace, inv: Inventory) -> int:
+    from mobinux.cli.node import find_node
+    from mobinux.images.versions import build_version
+    from mobinux.service.node_disks import node_base, node_overlay_root
+    from mobinux.storage.overlay_reader import read_overlay_map
+
+    node = find_node(inv, args.node)
+    images = {i.name: i for i in inv.images()}
+    current = node_base(node, images)
+    if current is None:
+        raise InventoryError(f"node {node.name} has no disk to commit")
+    own = images[node.disk_image or ""]
+    sessions = [s for s in inv.iscsi_sessions() if s.node == node.name]
+    if sessions and not args.force:
+        raise InventoryError(f"node {node.name} is up ({len(sessions)} iSCSI session(s)); shut it "
+                             "down first so its writes are flushed, or give --force")
+    root = node_overlay_root(inv.data_dir, node.mac)
+    dirs = [d for d in sorted(root.iterdir()) if (d / "meta").exists()] if root.is_dir() else []
+    if not dirs:
+        raise InventoryError(f"node {node.name} has written nothing since it booted; nothing to commit")
+    base_rel = (dirs[0] / "base").read_text().strip()
+    if base_rel != current:
+        raise InventoryError(f"node {node.name} runs an older version of image {own.name} "
+                             f"({base_rel}); boot it again before committing its changes")
+    target = own if args.name in (None, own.name) else None
+    if target is None:
+        name = _new_image_name(inv, args.name)
+        (inv.data_dir / DISKS_DIR / name).mkdir(parents=True, exist_ok=True, mode=0o700)
+        rel = f"{DISKS_DIR}/{name}/{version_file(1)}"
+    else:
+        rel = f"{DISKS_DIR}/{own.name}/{version_file(own.version + 1)}"
+    overlay = read_overlay_map(dirs[0])
+    try:
+        changed = sum(1 for s in overlay.states if s) * overlay.chunk_size
+        if not changed:
+            raise InventoryError(f"node {node.name} has written nothing since it booted "
+                                 "(or never flushed it); nothing to commit")
+        size = build_version(inv.data_dir / base_rel, overlay, inv.data_dir / rel,
+                             progress=ProgressBar(f"committing {node.name}"))
+    finally:
+        overlay.close()
+    what = f"{node.name}'s changes, {changed / 2**20:.1f} MiB"
+    if target is not None:
+        return _install_version(inv, target, rel, size, what)
+    try:
+        inv.add_image(Image(name=args.name, kind="disk", kernel=own.kernel, initrd=own.initrd,
+                            cmdline=own.cmdline, size=size, sha256="", created=time.time(),
+                            disk=rel))
+    except BaseException:
+        shutil.rmtree(inv.data_dir / DISKS_DIR / args.name, ignore_errors=True)
+        raise
+    print(f"image {args.name}: a new disk image from {own.name} with {what}")
     return 0
 
 
@@ -183,13 +293,16 @@ def run(args: argparse.Namespace) -> int:
             return _ramdisk(args, inv)
         if cmd == "import":
             return _import(args, inv)
+        if cmd == "commit":
+            return _commit(args, inv)
         if cmd == "list":
             images = inv.images()
             if args.json:
                 print_json([i.to_json() for i in images])
             else:
-                print_table(["name", "kind", "size", "cmdline"],
-                            [[i.name, i.kind, f"{i.size / 2**20:.1f} MiB", i.cmdline] for i in images])
+                print_table(["name", "kind", "version", "size", "cmdline"],
+                            [[i.name, i.kind, i.version if i.kind == "disk" else "-",
+                              f"{i.size / 2**20:.1f} MiB", i.cmdline] for i in images])
             return 0
         if cmd == "remove":
             image = inv.remove_image(args.name)

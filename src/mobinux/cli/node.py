@@ -263,11 +263,19 @@ def _run(args: argparse.Namespace, inv: Inventory) -> int:
         node = inv.remove_node(find_node(inv, args.name).name)
         if server_pid(inv.data_dir) is None:
             remove_overlay(inv.data_dir, node.mac)  # a running server removes it itself
+            _collect_versions(inv)
         print(f"removed node {node.name} ({node.mac})")
         return 0
     if cmd == "reset":
         return _reset(inv, find_node(inv, args.name), args.force)
     raise AssertionError(cmd)
+
+
+def _collect_versions(inv: Inventory) -> None:
+    """Free image versions no node uses any more (a removed overlay may have held the last)."""
+    from mobinux.images.versions import collect_unused
+
+    collect_unused(inv.data_dir, {i.disk for i in inv.images() if i.disk is not None})
 
 
 def _limit(text: str) -> int:
@@ -282,6 +290,7 @@ def _reset(inv: Inventory, node: Node, force: bool) -> int:
         raise InventoryError(f"node {node.name} has no disk to reset")
     if server_pid(inv.data_dir) is None:
         remove_overlay(inv.data_dir, node.mac)  # no server holds it: the next login starts empty
+        _collect_versions(inv)
         print(f"reset node {node.name}: its disk is the clean base image again")
         return 0
     sessions = [s for s in inv.iscsi_sessions() if s.node == node.name]

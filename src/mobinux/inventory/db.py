@@ -93,6 +93,10 @@ _MIGRATIONS: tuple[str, ...] = (
         requested REAL NOT NULL
     );
     """,
+    # 4: disk image versions (image commit, image import --update)
+    """
+    ALTER TABLE images ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
+    """,
 )
 
 BOOT_MODES = ("ramdisk", "kernel", "iscsi", "local")
@@ -111,7 +115,8 @@ class Image:
     size: int
     sha256: str
     created: float
-    disk: str | None = None  # a disk image's file, relative to the data directory
+    disk: str | None = None  # a disk image's current version, relative to the data directory
+    version: int = 1
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -120,6 +125,7 @@ class Image:
             "kernel": self.kernel or None,
             "initrd": self.initrd,
             "disk": self.disk,
+            "version": self.version,
             "cmdline": self.cmdline,
             "size": self.size,
             "sha256": self.sha256,
@@ -222,6 +228,7 @@ def _image_from_row(row: sqlite3.Row) -> Image:
         sha256=row["sha256"],
         created=row["created"],
         disk=row["disk"],
+        version=row["version"],
     )
 
 
@@ -318,15 +325,29 @@ class Inventory:
             with self._tx() as db:
                 db.execute(
                     "INSERT INTO images (name, kind, kernel, initrd, cmdline, size, sha256, created,"
-                    " disk) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " disk, version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (image.name, image.kind, image.kernel, image.initrd, image.cmdline,
-                     image.size, image.sha256, image.created, image.disk),
+                     image.size, image.sha256, image.created, image.disk, image.version),
                 )
         except sqlite3.IntegrityError:
             raise InventoryError(
                 f"image {image.name!r} already exists; remove it first "
                 f"(mobinux image remove {image.name})"
             ) from None
+
+    def new_disk_version(self, name: str, expected: int, disk: str, size: int) -> None:
+        """Make *disk* version ``expected + 1`` of disk image *name*, unless someone else
+        made a new version since the caller read version *expected*."""
+        with self._tx() as db:
+            row = db.execute("SELECT version FROM images WHERE name = ? AND kind = 'disk'",
+                             (name,)).fetchone()
+            if row is None:
+                raise InventoryError(f"no disk image named {name!r} (see: mobinux image list)")
+            if row["version"] != expected:
+                raise InventoryError(f"image {name!r} got version {row['version']} meanwhile; "
+                                     "run the command again")
+            db.execute("UPDATE images SET disk = ?, size = ?, version = ?, created = ? WHERE name = ?",
+                       (disk, size, expected + 1, time.time(), name))
 
     def get_image(self, name: str) -> Image | None:
         row = self._db.execute("SELECT * FROM images WHERE name = ?", (name,)).fetchone()

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mobinux.images.versions import collect_unused
 from mobinux.inventory.db import Image, Inventory, Node
 from mobinux.iscsi.params import ChapSecret, TargetEntry
 from mobinux.scsi import LogicalUnit, ScsiTarget
@@ -129,6 +130,7 @@ class IscsiExports:
         closed = self.close_sessions(old.iqn)
         self._node_scsi.pop(mac, None)
         self.disks.forget(mac)
+        self._collect_versions()
         log.info("node %s (%s): no disk any more; %d session(s) closed, overlay removed",
                  old.name, mac, closed)
 
@@ -162,9 +164,21 @@ class IscsiExports:
             log.error("node %s: cannot reset its overlay: %s", spec.name, exc.strerror or exc)
             return
         self._node_scsi.pop(spec.mac, None)  # new boot, new unit attentions and reservations
+        if disk is not None and disk.base_rel != spec.base:
+            self._collect_versions()  # it may have been the last node on an old version
         if discarded or closed:
             log.info("node %s: %s: %d old session(s) closed, overlay %s", spec.name, why, closed,
                      "emptied" if discarded else "unchanged")
+
+    def _collect_versions(self) -> None:
+        try:
+            removed = collect_unused(self._inv.data_dir,
+                                     {i.disk for i in self._inv.images() if i.disk is not None})
+        except OSError as exc:
+            log.warning("cannot remove unused image versions: %s", exc.strerror or exc)
+            return
+        for rel in removed:
+            log.info("image version %s removed: no node uses it any more", rel)
 
     def poll(self) -> None:
         """Carry out ``mobinux node reset`` requests (the server calls this every second)."""
