@@ -7,12 +7,16 @@ that namespace's loopback, port 69; the atftp client fetches one file
 row once, then again) and the best of the rounds counts. Every download is
 checked against the file's SHA-256 (outside the timed part).
 
+mobinux runs as ``mobinux serve`` would: with its default number of TFTP
+data-pump workers (``--mobinux-workers N`` to choose; 0 serves everything
+from the main process, as this benchmark did before the workers existed).
+
 Needs root (network namespaces), atftp, and any of the peers that are present:
 ``in.tftpd`` (tftpd-hpa; unpack it with ``apt-get download tftpd-hpa && dpkg -x``
 and pass ``--tftpd-hpa DIR/usr/sbin/in.tftpd`` if atftpd is installed),
 ``atftpd``, ``dnsmasq``. Missing peers are skipped.
 
-    python bench/bench_tftp.py [--size-mib 64] [--rounds 2] [--profile OUT]
+    python bench/bench_tftp.py [--size-mib 64] [--rounds 2] [--mobinux-workers N] [--profile OUT]
 
 MB/s is 10**6 bytes per second of payload, measured as the wall time of the
 client process (start-up included, ~1 ms).
@@ -47,7 +51,7 @@ CLIENT_TIMEOUT = 180.0  # seconds for one download, then the row counts as faile
 # -- the mobinux server, run as a child process -------------------------------------
 
 
-def serve(root: str, port: int, profile: str | None) -> None:
+def serve(root: str, port: int, workers: int, profile: str | None) -> None:
     from mobinux.boot import ResolvedFile
     from mobinux.paths import contained_file
     from mobinux.tftp.aio import TftpService
@@ -58,7 +62,7 @@ def serve(root: str, port: int, profile: str | None) -> None:
             return None if path is None else ResolvedFile(name=name, path=path)
 
     async def main() -> None:
-        svc = TftpService(Resolver(), host="0.0.0.0", port=port, logger=logging.getLogger("bench"))
+        svc = TftpService(Resolver(), host="0.0.0.0", port=port, logger=logging.getLogger("bench"), workers=workers)
         await svc.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -136,23 +140,44 @@ def wait_ready(server: Server, atftp: str, out: Path) -> bool:
     while time.monotonic() < deadline:
         out.unlink(missing_ok=True)
         argv = ["ip", "netns", "exec", server.netns, atftp, "-g", "-r", "ready", "-l", str(out), "127.0.0.1", "69"]
-        r = subprocess.run(argv, capture_output=True, timeout=10, check=False)
+        try:
+            r = subprocess.run(argv, capture_output=True, timeout=10, check=False)
+        except subprocess.TimeoutExpired:
+            continue
         if r.returncode == 0:
             return True
         time.sleep(0.2)
     return False
 
 
-def server_cpu(server: Server) -> float:
-    """CPU seconds used by the server process, its threads and its reaped children
-    (tftpd-hpa forks one child per transfer)."""
-    assert server.proc is not None
+def _proc_stat(pid: int) -> list[str] | None:
     try:
-        fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    # utime, stime, cutime, cstime are fields 14-17 of /proc/PID/stat.
-    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+        return None
+
+
+def server_cpu(server: Server) -> float:
+    """CPU seconds used by the server process, its threads, its live descendants
+    (mobinux's TFTP workers) and its reaped children (tftpd-hpa forks one child
+    per transfer)."""
+    assert server.proc is not None
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _proc_stat(int(entry))) is not None:
+            stats[int(entry)] = fields
+    # Fields after the command name: [1] is the parent pid; utime, stime,
+    # cutime, cstime (fields 14-17 of /proc/PID/stat) are [11:15].
+    family = {server.proc.pid}
+    grew = True
+    while grew:
+        grew = False
+        for pid, fields in stats.items():
+            if pid not in family and int(fields[1]) in family:
+                family.add(pid)
+                grew = True
+    ticks = sum(int(x) for pid in family if pid in stats for x in stats[pid][11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def sha256(path: Path) -> str:
@@ -165,15 +190,18 @@ def sha256(path: Path) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--serve", nargs=2, metavar=("ROOT", "PORT"), help=argparse.SUPPRESS)
+    ap.add_argument("--serve", nargs=3, metavar=("ROOT", "PORT", "WORKERS"), help=argparse.SUPPRESS)
     ap.add_argument("--size-mib", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2, help="best of this many (default 2)")
     ap.add_argument("--only", default="", help="comma-separated servers to run")
     ap.add_argument("--tftpd-hpa", default="", help="path to tftpd-hpa's in.tftpd")
-    ap.add_argument("--profile", default="", help="write a cProfile of the mobinux server here")
+    ap.add_argument("--mobinux-workers", type=int, default=None, metavar="N",
+                    help="mobinux TFTP worker processes (default: what mobinux serve uses here)")
+    ap.add_argument("--profile", default="",
+                    help="write a cProfile of the mobinux main process here (use with --mobinux-workers 0)")
     args = ap.parse_args()
     if args.serve:
-        serve(args.serve[0], int(args.serve[1]), args.profile or None)
+        serve(args.serve[0], int(args.serve[1]), int(args.serve[2]), args.profile or None)
         return 0
 
     if os.geteuid() != 0:
@@ -201,9 +229,21 @@ def main() -> int:
 
     here = Path(__file__).resolve()
     prof = ["--profile", args.profile] if args.profile else []
-    servers = [Server("mobinux", [sys.executable, str(here), "--serve", str(root), "69", *prof])]
-    hpa = args.tftpd_hpa or shutil.which("in.tftpd") or ""
-    if hpa:
+    if args.mobinux_workers is None:
+        from mobinux.config import default_tftp_workers
+
+        args.mobinux_workers = default_tftp_workers()
+    workers = str(args.mobinux_workers)
+    servers = [Server("mobinux", [sys.executable, str(here), "--serve", str(root), "69", workers, *prof])]
+    # tftpd-hpa conflicts with atftpd in apt (whose /usr/sbin/in.tftpd is a
+    # link to atftpd): find or unpack the real one like bench_bootstorm does.
+    sys.path.insert(0, str(here.parent))
+    from bench_bootstorm import find_tftpd_hpa
+
+    hpa, why = find_tftpd_hpa(args.tftpd_hpa or None)
+    if hpa is None:
+        print(f"tftpd-hpa: {why}, skipped", file=sys.stderr)
+    else:
         servers.append(Server("tftpd-hpa", [hpa, "-L", "-u", "root", "-a", ":69", "-s", str(root)]))
     if shutil.which("atftpd"):
         servers.append(Server("atftpd", ["atftpd", "--daemon", "--no-fork", "--port", "69", "--user", "root",
@@ -253,7 +293,8 @@ def main() -> int:
 
     names = [s.name for s in servers]
     print(f"load average before: {load_before}, after: {os.getloadavg()[0]:.2f} (2-core machine)")
-    print(f"TFTP download of {args.size_mib} MiB over loopback with atftp, best of {args.rounds}, MB/s")
+    print(f"TFTP download of {args.size_mib} MiB over loopback with atftp, best of {args.rounds}, MB/s"
+          f" (mobinux with {args.mobinux_workers} TFTP workers)")
     print(f"{'row':<10}" + "".join(f"{n:>11}" for n in names) + f"{'mbx/best':>10}")
     for row, _ in ROWS:
         cells = [rate(s, row) for s in servers]

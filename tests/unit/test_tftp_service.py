@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
 import os
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any, ParamSpec
 
 import pytest
 
+import mobinux.tftp.aio as aio_mod
 from mobinux.boot import ResolvedFile
 from mobinux.errors import PathRefused
 from mobinux.paths import contained_file
@@ -30,6 +33,7 @@ from mobinux.tftp.packet import (
     encode,
     parse,
 )
+from mobinux.tftp.worker import new_event_loop
 
 Step = tuple[str | None, str | None, str]
 P = ParamSpec("P")
@@ -87,7 +91,20 @@ class Client:
         self.loop = asyncio.get_running_loop()
 
     async def recv(self, timeout: float = 2.0) -> tuple[Packet, tuple[str, int]]:
-        data, addr = await asyncio.wait_for(self.loop.sock_recvfrom(self.sock, 70_000), timeout)
+        # add_reader rather than loop.sock_recvfrom, which uvloop lacks.
+        fut: asyncio.Future[tuple[bytes, tuple[str, int]]] = self.loop.create_future()
+
+        def ready() -> None:
+            if fut.done():
+                return  # the datagram stays queued for the next recv()
+            with suppress(BlockingIOError):
+                fut.set_result(self.sock.recvfrom(70_000))
+
+        self.loop.add_reader(self.sock.fileno(), ready)
+        try:
+            data, addr = await asyncio.wait_for(fut, timeout)
+        finally:
+            self.loop.remove_reader(self.sock.fileno())
         return parse(data), addr
 
     def send(self, pkt: Packet | bytes, addr: tuple[str, int]) -> None:
@@ -356,3 +373,151 @@ async def test_bound_to_an_interface(root: Path) -> None:
         c = Client()
         assert await c.download(svc.port, "sub/b.bin", ("blksize", "1468")) == b"b" * 1024
         c.close()
+
+
+# -- the lean ACK path of lock-step transfers, on both event loops ----------------------
+
+try:
+    import uvloop
+except ImportError:  # the service falls back to asyncio; so do these tests
+    uvloop = None  # type: ignore[assignment]
+
+LOOPS = [
+    pytest.param(asyncio.new_event_loop, id="asyncio"),
+    pytest.param(
+        uvloop.new_event_loop if uvloop is not None else None,
+        id="uvloop",
+        marks=pytest.mark.skipif(uvloop is None, reason="uvloop not installed"),
+    ),
+]
+
+
+def run_on(factory: Callable[[], asyncio.AbstractEventLoop], body: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(asyncio.wait_for(body(), 30))
+
+
+def test_worker_loop_is_uvloop_when_installed_else_asyncio(monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = new_event_loop()
+    try:
+        if uvloop is not None:
+            assert isinstance(loop, uvloop.Loop)
+    finally:
+        loop.close()
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now fails
+    loop = new_event_loop()
+    try:
+        assert isinstance(loop, asyncio.BaseEventLoop)  # asyncio's own
+    finally:
+        loop.close()
+
+
+async def _expect_data(c: Client, block: int, payload: bytes, timeout: float = 2.0) -> None:
+    pkt, _ = await c.recv(timeout)
+    assert pkt == Data(block, payload[(block - 1) * 512 : block * 512])
+
+
+async def _silence(c: Client, timeout: float = 0.15) -> None:
+    with pytest.raises(TimeoutError):
+        await c.recv(timeout=timeout)
+
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_lock_step_lean_path_and_every_fallback(
+    root: Path, factory: Callable[[], asyncio.AbstractEventLoop], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "mobinux.tftp")
+    payload = os.urandom(512 * 150 + 7)  # 151 blocks: three runs of the read-ahead buffer
+    (root / "big.bin").write_bytes(payload)
+
+    async def body() -> None:
+        async with serving(root, timeout=0.4, max_retries=3) as (svc, _):
+            c = Client()
+            c.send(ReadRequest("big.bin", "octet"), ("127.0.0.1", svc.port))
+            pkt, tid = await c.recv()
+            assert pkt == Data(1, payload[:512])
+            c.send(Ack(1), tid)  # the lean path
+            await _expect_data(c, 2, payload)
+            # Sorcerer's Apprentice: a duplicate ACK is not answered.
+            c.send(Ack(1), tid)
+            await _silence(c)
+            # Old, future and malformed four-byte datagrams: ignored.
+            for junk in (encode(Ack(0)), encode(Ack(9)), b"\x00\x09\x00\x02", b"\x00\x03\x00\x02"):
+                c.send(junk, tid)
+            await _silence(c)
+            # The right ACK with a trailing byte: the generic path, same answer.
+            c.send(encode(Ack(2)) + b"\x00", tid)
+            await _expect_data(c, 3, payload)
+            # Through the end of the first run buffer (64 blocks) and beyond,
+            # every answer at once (well before the 0.4 s retransmission).
+            for block in range(3, 100):
+                c.send(Ack(block), tid)
+                await _expect_data(c, block + 1, payload, timeout=0.3)
+            # No ACK: the timer resends the same block, and only it.
+            t0 = asyncio.get_running_loop().time()
+            await _expect_data(c, 100, payload)
+            assert asyncio.get_running_loop().time() - t0 >= 0.3
+            c.send(Ack(100), tid)  # the resent block is lock-step again
+            await _expect_data(c, 101, payload)
+            c.send(Ack(101), tid)
+            await _expect_data(c, 102, payload)
+            # An ERROR from the client ends the transfer at once, silently.
+            c.send(Error(ErrorCode.DISK_FULL, "disk full"), tid)
+            await _silence(c, 0.6)
+            assert svc.active_transfers == 0
+            # A whole download, every block at once (the file's last block is
+            # sent, and its ACK handled, the generic way).
+            c.send(ReadRequest("big.bin", "octet"), ("127.0.0.1", svc.port))
+            pkt, tid = await c.recv()
+            assert pkt == Data(1, payload[:512])
+            for block in range(1, 151):
+                c.send(Ack(block), tid)
+                await _expect_data(c, block + 1, payload, timeout=0.3)
+            c.send(Ack(151), tid)
+            await _silence(c, 0.6)
+            assert svc.active_transfers == 0
+            c.close()
+
+    run_on(factory, body)
+    assert any("malformed" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_lean_path_send_failures(
+    root: Path, factory: Callable[[], asyncio.AbstractEventLoop], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    payload = os.urandom(512 * 10)
+    (root / "ten.bin").write_bytes(payload)
+    real_write = os.write
+    fail: list[OSError] = []
+
+    def flaky_write(fd: int, data: bytes | memoryview) -> int:
+        if fail:
+            raise fail.pop()
+        return real_write(fd, data)
+
+    monkeypatch.setattr(aio_mod, "_write", flaky_write)
+
+    async def body() -> None:
+        async with serving(root, timeout=0.3, max_retries=3) as (svc, _):
+            c = Client()
+            c.send(ReadRequest("ten.bin", "octet"), ("127.0.0.1", svc.port))
+            pkt, tid = await c.recv()
+            assert pkt == Data(1, payload[:512])
+            # A full send buffer (EAGAIN) or queue (ENOBUFS): a lost packet
+            # that the timer sends again.
+            for exc in (BlockingIOError(errno.EAGAIN, "full"), OSError(errno.ENOBUFS, "no buffers")):
+                fail.append(exc)
+                block = 2 if exc.errno == errno.EAGAIN else 3
+                c.send(Ack(block - 1), tid)
+                t0 = asyncio.get_running_loop().time()
+                await _expect_data(c, block, payload)
+                assert asyncio.get_running_loop().time() - t0 >= 0.2
+            # The client's port is gone (ICMP port unreachable): the end.
+            fail.append(ConnectionRefusedError(errno.ECONNREFUSED, "refused"))
+            c.send(Ack(3), tid)
+            await _silence(c, 0.6)
+            assert svc.active_transfers == 0
+            c.close()
+
+    run_on(factory, body)

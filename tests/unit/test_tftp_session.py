@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import mobinux.tftp.packet as packet_mod
 import mobinux.tftp.session as session_mod
@@ -15,9 +18,12 @@ from mobinux.errors import MalformedPacket
 from mobinux.tftp.constants import ErrorCode
 from mobinux.tftp.packet import Ack, Data, Error, OptionAck, ReadRequest, encode, parse
 from mobinux.tftp.session import (
+    ACK_OPCODE_HALFWORD,
+    NO_EXPECTED_ACK,
     BytesSource,
     Outcome,
     ReadSession,
+    ack_halfwords,
     classify_request,
     negotiate,
 )
@@ -364,3 +370,233 @@ def test_protocol_core_does_no_io(module: object) -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
     assert not imported & {"socket", "asyncio", "time", "os", "selectors"}
+
+
+# -- the lean ACK path (expected_ack / ack_and_next) ----------------------------------
+
+
+def lean_feed(s: ReadSession, data: bytes, now: float) -> list[bytes]:
+    """What the adapter does with one datagram; returns what it then sends.
+
+    Exactly the expected ACK goes the lean way (ack_and_next, then take_burst
+    only if that returned None, then prepare_next if read_due); anything else
+    through receive_datagram + take_burst.
+    """
+    if len(data) == 4:
+        half = memoryview(data).cast("H")
+        if half[1] == s.expected_ack and half[0] == ACK_OPCODE_HALFWORD:
+            view = s.ack_and_next(now)
+            if view is not None:
+                out = [bytes(view)]
+                if s.read_due:
+                    s.prepare_next()
+                return out
+            return s.datagrams_to_send(now)
+    with contextlib.suppress(MalformedPacket):
+        s.receive_datagram(data, now)
+    return s.datagrams_to_send(now)
+
+
+def generic_feed(s: ReadSession, data: bytes, now: float) -> list[bytes]:
+    with contextlib.suppress(MalformedPacket):
+        s.receive_datagram(data, now)
+    out = s.datagrams_to_send(now)
+    s.prepare_next()
+    return out
+
+
+def state(s: ReadSession) -> tuple[object, ...]:
+    return (s.outcome, s.acked_blocks, s.get_timer(), s.retransmissions, s.done, s.error)
+
+
+def test_ack_halfwords_read_the_wire_bytes() -> None:
+    for block in (0, 1, 255, 256, 0x1234, 65535, 65536 + 7):
+        raw = encode(Ack(block & 0xFFFF))
+        half = memoryview(raw).cast("H")
+        assert (half[0], half[1]) == ack_halfwords(block)
+        assert half[0] == ACK_OPCODE_HALFWORD
+
+
+def test_expected_ack_follows_lock_step_blocks_but_never_the_last() -> None:
+    data = payload(512 * 3 + 10)  # blocks 1..4, 4 is the short last one
+    s = ReadSession(rrq(), BytesSource(data), 0.0)
+    assert s.expected_ack == NO_EXPECTED_ACK  # nothing sent yet
+    assert sent(s) == [Data(1, data[:512])]
+    assert s.expected_ack == ack_halfwords(1)[1]
+    view = s.ack_and_next(0.5)
+    assert view is not None and parse(view) == Data(2, data[512:1024])
+    assert s.acked_blocks == 1 and s.get_timer() == 1.5
+    assert s.expected_ack == ack_halfwords(2)[1]
+    view = s.ack_and_next(0.6)
+    assert view is not None and parse(view) == Data(3, data[1024:1536])
+    # Block 4 is the last: its DATA goes out the generic way, and its ACK
+    # (which completes the transfer) must too.
+    assert s.ack_and_next(0.7) is None
+    assert sent(s) == [Data(4, data[1536:])]
+    assert s.expected_ack == NO_EXPECTED_ACK
+    assert ack(s, 4) == [] and s.outcome is Outcome.COMPLETE
+    assert s.expected_ack == NO_EXPECTED_ACK
+
+
+def test_expected_ack_is_unset_for_windows_oack_and_after_the_end() -> None:
+    s = ReadSession(rrq("f", ("windowsize", "4")), BytesSource(payload(5000)), 0.0)
+    sent(s)  # the OACK
+    assert s.expected_ack == NO_EXPECTED_ACK
+    ack(s, 0)
+    assert s.expected_ack == NO_EXPECTED_ACK  # a window is out: generic ACKs only
+    s = ReadSession(rrq("f", ("tsize", "0")), BytesSource(payload(5000)), 0.0)
+    sent(s)
+    assert s.expected_ack == NO_EXPECTED_ACK  # OACK out, ACK 0 goes the generic way
+    ack(s, 0)
+    assert s.expected_ack == ack_halfwords(1)[1]
+    s.receive_datagram(encode(Error(0, "bye")), 0.1)
+    assert s.done and s.expected_ack == NO_EXPECTED_ACK
+
+
+def test_lean_ack_restarts_the_clock_and_the_retry_budget() -> None:
+    data = payload(5000)
+    s = ReadSession(rrq(), BytesSource(data), 0.0, timeout=1.0, max_retries=1)
+    sent(s)
+    s.handle_timer(1.0)
+    assert sent(s, 1.0) == [Data(1, data[:512])]  # the one retry allowed
+    view = s.ack_and_next(1.5)
+    assert view is not None and parse(view) == Data(2, data[512:1024])
+    assert s.get_timer() == 2.5
+    s.handle_timer(2.4)
+    assert sent(s, 2.4) == []
+    s.handle_timer(2.5)
+    assert sent(s, 2.5) == [Data(2, data[512:1024])]  # a fresh retry budget
+    assert s.expected_ack == ack_halfwords(2)[1]  # the resend is lock-step too
+    view = s.ack_and_next(2.6)
+    assert view is not None and parse(view) == Data(3, data[1024:1536])
+    assert not s.done
+
+
+def test_lean_path_after_a_failed_speculative_read() -> None:
+    # A speculative read that fails leaves no valid run: the lean path must
+    # not serve stale bytes from the buffer but hand over to take_burst.
+    data = payload(512 * 70)
+    src = BytesSource(data)
+    s = ReadSession(rrq(), src, 0.0)
+    sent(s)
+    for _ in range(63):
+        assert s.ack_and_next(0.0) is not None
+    assert s.read_due
+
+    class Broken:
+        size = len(data)
+
+        def readinto(self, views: Sequence[memoryview], offset: int) -> int:
+            raise OSError(5, "Input/output error")
+
+    s._source = Broken()
+    s.prepare_next()  # fails quietly: speculative
+    assert s.ack_and_next(0.0) is None
+    s._source = src
+    assert sent(s) == [Data(65, data[64 * 512 : 65 * 512])]
+
+
+def test_lean_path_hands_over_at_the_end_of_the_run_buffer() -> None:
+    # 512-byte blocks: a run is 64 blocks; the lean path serves 2..64 from
+    # it, says read_due when it hands out the run's last block, and once the
+    # next run is read it goes on from there.
+    data = payload(512 * 200)
+    s = ReadSession(rrq(), BytesSource(data), 0.0)
+    sent(s)
+    for block in range(2, 65):
+        view = s.ack_and_next(0.0)
+        assert view is not None and parse(view) == Data(block, data[(block - 1) * 512 : block * 512])
+        assert s.read_due is (block == 64)
+    # Without prepare_next the run is exhausted: the generic path reads it.
+    assert s.ack_and_next(0.0) is None
+    assert s.expected_ack == NO_EXPECTED_ACK  # until that DATA is out
+    assert sent(s) == [Data(65, data[64 * 512 : 65 * 512])]
+    s.prepare_next()  # already in the buffer now: nothing to do
+    view = s.ack_and_next(0.0)
+    assert view is not None and parse(view) == Data(66, data[65 * 512 : 66 * 512])
+
+
+def test_lean_path_rolls_over_block_numbers() -> None:
+    data = payload(8 * 70_000)
+    s = ReadSession(rrq("f", ("blksize", "8")), BytesSource(data), 0.0)
+    out = bytearray()
+    assert [parse(d) for d in s.datagrams_to_send(0.0)] == [OptionAck((("blksize", "8"),))]
+    pkts = lean_feed(s, encode(Ack(0)), 0.0)
+    lean = 0
+    while not s.done:
+        (raw,) = pkts
+        pkt = parse(raw)
+        assert isinstance(pkt, Data)
+        out += pkt.data
+        if s.expected_ack != NO_EXPECTED_ACK:
+            lean += 1
+        pkts = lean_feed(s, encode(Ack(pkt.block)), 0.0)
+    assert bytes(out) == data and s.outcome is Outcome.COMPLETE
+    assert lean > 69_000  # nearly every ACK took the lean path
+
+
+_lean_actions = st.lists(
+    st.one_of(
+        st.tuples(st.just("ack_last"), st.integers(1, 80)),  # that many well-behaved ACKs
+        st.tuples(st.just("ack_near"), st.integers(-3, 3)),  # duplicate, old or future ACK
+        st.tuples(st.just("ack_padded"), st.none()),  # the right ACK with a trailing byte
+        st.tuples(st.just("error"), st.integers(0, 8)),
+        st.tuples(st.just("garbage"), st.binary(max_size=6)),
+        st.tuples(st.just("tick"), st.floats(0, 3)),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    options=st.sampled_from([(), (("blksize", "8"),), (("blksize", "100"), ("tsize", "0")),
+                             (("windowsize", "3"), ("blksize", "16")), (("windowsize", "1"),)]),
+    size=st.integers(0, 9000),
+    actions=_lean_actions,
+)
+def test_lean_path_behaves_exactly_like_the_generic_path(
+    options: tuple[tuple[str, str], ...], size: int, actions: list[tuple[str, object]]
+) -> None:
+    data = payload(size)
+    lean = ReadSession(rrq("f", *options), BytesSource(data), 0.0, timeout=1.0, max_retries=2)
+    plain = ReadSession(rrq("f", *options), BytesSource(data), 0.0, timeout=1.0, max_retries=2)
+    now = 0.0
+    out = lean.datagrams_to_send(now)
+    assert out == plain.datagrams_to_send(now)
+    plain.prepare_next()
+    last = 0
+    for kind, arg in actions:
+        feeds: list[bytes] = []
+        if kind == "ack_last":
+            feeds = [b""] * int(arg)  # type: ignore[call-overload]
+        elif kind == "ack_near":
+            feeds = [encode(Ack((last + int(arg)) & 0xFFFF))]  # type: ignore[call-overload]
+        elif kind == "ack_padded":
+            feeds = [encode(Ack(last)) + b"\x00"]
+        elif kind == "error":
+            feeds = [encode(Error(int(arg), "stop"))]  # type: ignore[call-overload]
+        elif kind == "garbage":
+            feeds = [arg]  # type: ignore[list-item]
+        else:
+            now += float(arg)  # type: ignore[arg-type]
+            lean.handle_timer(now)
+            plain.handle_timer(now)
+            out = lean.datagrams_to_send(now)
+            assert out == plain.datagrams_to_send(now)
+            plain.prepare_next()
+        for feed in feeds:
+            if lean.done:
+                break
+            now += 0.01
+            raw = feed or encode(Ack(last))
+            out = lean_feed(lean, raw, now)
+            assert out == generic_feed(plain, raw, now)
+            assert state(lean) == state(plain)
+            for d in out:
+                pkt = parse(d)
+                if isinstance(pkt, Data):
+                    last = pkt.block
+                elif isinstance(pkt, OptionAck):
+                    last = 0
+        assert state(lean) == state(plain)

@@ -20,11 +20,23 @@ datagrams of a fixed stride (``4 + blksize``) with their headers written in
 place; a window is a slice of it, which the adapter hands to the kernel in one
 UDP GSO send or slices into single datagrams. :meth:`ReadSession.prepare_next`
 lets the adapter read the next run while the client is busy.
+
+Lock-step transfers (windowsize 1, the default and what most boot ROMs use)
+have a leaner path still: after each DATA the session publishes the exact
+ACK's block number (:attr:`ReadSession.expected_ack`, read from the DATA
+header in place, see :func:`ack_halfwords`), and an adapter that receives
+exactly that ACK calls :meth:`ReadSession.ack_and_next`, which does the
+bookkeeping of that ACK and returns the next DATA datagram, already laid out
+in the run buffer. Anything
+else (duplicates, old or future ACKs, ERROR, garbage, the last block, the end
+of a run, windows) goes through :meth:`ReadSession.receive_datagram` and
+:meth:`ReadSession.take_burst` as usual.
 """
 
 from __future__ import annotations
 
 import enum
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -62,6 +74,20 @@ READAHEAD_BYTES = 32 * 1024  # file bytes read per readinto (a run of whole wind
 RUN_MAX_BLOCKS = 256  # blocks per run: one iovec each, well under IOV_MAX (1024)
 
 _OP_ERROR = int(Opcode.ERROR)
+# What expected_ack holds when no lean ACK applies: never a 16-bit value.
+NO_EXPECTED_ACK = -1
+# The opcode bytes of an ACK (00 04) read as a native-endian unsigned 16-bit
+# halfword (see ack_halfwords).
+ACK_OPCODE_HALFWORD = int.from_bytes(b"\x00\x04", sys.byteorder)
+
+
+def ack_halfwords(block: int) -> tuple[int, int]:
+    """The four bytes of ``ACK block`` (RFC 1350 §5) read as two native-endian
+    unsigned 16-bit halfwords, as ``memoryview(buf).cast("H")`` reads them:
+    (:data:`ACK_OPCODE_HALFWORD`, the form :attr:`ReadSession.expected_ack`
+    takes). Halfwords, not one 32-bit word, so that every value is a small
+    int: Python compares those fastest."""
+    return ACK_OPCODE_HALFWORD, int.from_bytes((block & 0xFFFF).to_bytes(2, "big"), sys.byteorder)
 _OP_DATA_HI = int(Opcode.DATA) >> 8
 _OP_DATA_LO = int(Opcode.DATA) & 0xFF
 
@@ -244,6 +270,14 @@ class ReadSession:
     datagrams; a window is then a slice of the run.
     """
 
+    __slots__ = (
+        "_acked", "_blkh", "_buf", "_deadline", "_dgrams", "_lean", "_mv", "_oack",
+        "_payloads", "_retries", "_run_count", "_run_first", "_run_len", "_run_max",
+        "_sent", "_source", "_state", "_want_first", "_want_packet", "blksize", "error",
+        "expected_ack", "last_block", "max_retries", "negotiated", "outcome", "read_due",
+        "request", "retransmissions", "size", "stride", "timeout", "windowsize",
+    )
+
     def __init__(
         self,
         request: ReadRequest,
@@ -300,6 +334,20 @@ class ReadSession:
             buf[i * stride] = _OP_DATA_HI
             buf[i * stride + 1] = _OP_DATA_LO
         self._payloads = [mv[i * stride + DATA_HEADER_LEN : (i + 1) * stride] for i in range(run)]
+        # Whole DATA datagrams (header + full block), for the lean path, and
+        # their block numbers as native halfwords (see ack_halfwords).
+        self._dgrams = [mv[i * stride : (i + 1) * stride] for i in range(run)]
+        self._blkh = [mv[i * stride + 2 : i * stride + 4].cast("H") for i in range(run)]
+        # The block-number halfword (ack_halfwords(block)[1]) of the ACK that
+        # acknowledges the last DATA sent, when that DATA was a lock-step
+        # block other than the last one: an adapter that receives exactly
+        # that ACK (four bytes) may call ack_and_next() instead of
+        # receive_datagram() + take_burst(). Otherwise NO_EXPECTED_ACK.
+        self.expected_ack = NO_EXPECTED_ACK
+        # Set by ack_and_next() when it handed out the last block of the run
+        # buffer: the adapter should call prepare_next() after sending it.
+        self.read_due = False
+        self._lean = w == 1
 
         if neg.oack:
             self._state = _OACK_SENT
@@ -446,13 +494,45 @@ class ReadSession:
                 return self.take_burst()  # the read failed: an ERROR is now due
             run_first = first
         self._want_first = 0
-        self._sent = first + count - 1
+        self._sent = sent = first + count - 1
+        if self._lean and sent < self.last_block:
+            self.expected_ack = self._blkh[sent - run_first][0]
+        else:
+            self.expected_ack = NO_EXPECTED_ACK
         stride = self.stride
         start = (first - run_first) * stride
         end = start + count * stride
         if end > self._run_len:
             end = self._run_len
         return self._mv[start:end], stride
+
+    def ack_and_next(self, now: float) -> memoryview | None:
+        """The lean path: handle the ACK :attr:`expected_ack`, get the next DATA.
+
+        Only to be called right after receiving a datagram equal to
+        :attr:`expected_ack` (which is then not :data:`NO_EXPECTED_ACK`). It
+        does exactly what :meth:`receive_datagram` does with that ACK and
+        returns the next datagram to send, as :meth:`take_burst` would, when
+        it is already in the run buffer and is not the file's last block.
+        Otherwise it returns None and the adapter calls :meth:`take_burst`
+        (which reads the next run, or has nothing to send).
+        """
+        acked = self._sent
+        self._acked = acked
+        self._retries = 0
+        self._deadline = now + self.timeout
+        first = acked + 1
+        i = first - self._run_first
+        if first < self.last_block and 0 <= i < self._run_count:
+            self._sent = first
+            self.expected_ack = self._blkh[i][0]
+            self.read_due = i + 1 == self._run_count
+            return self._dgrams[i]
+        self.expected_ack = NO_EXPECTED_ACK
+        # first == last_block + 1 cannot happen here: expected_ack is never
+        # set for the last block, whose ACK goes through receive_datagram.
+        self._want_first = first
+        return None
 
     def prepare_next(self) -> None:
         """Optionally read the next run now, while the client is busy.
@@ -482,6 +562,7 @@ class ReadSession:
     def _read_run(self, first: int, speculative: bool = False) -> bool:
         """Read blocks *first*... into the run buffer; False if the read failed."""
         self._run_first = 0
+        self._run_count = 0
         bs = self.blksize
         count = self.last_block - first + 1
         if count > self._run_max:
@@ -530,6 +611,7 @@ class ReadSession:
 
     def _finish(self) -> None:
         self._state = _DONE
+        self.expected_ack = NO_EXPECTED_ACK
         self._want_first = 0
         self._want_packet = None
 

@@ -15,6 +15,13 @@ transfer: ``s ID`` when the data phase starts (the main process then calls
 ``record_step``, as it would for a transfer of its own) and ``e ID`` when it
 ends (the main process's per-worker load count).
 
+A worker runs its loop on uvloop when it is installed (:func:`new_event_loop`):
+a worker's work is almost only the per-ACK callback of lock-step transfers,
+and uvloop's dispatch of a ready socket to its callback costs a fraction of
+asyncio's ``selectors``-based one in Python (measured: about half the
+worker's CPU instructions per ACK at blksize 512). Plain asyncio is the
+fallback when uvloop cannot be imported.
+
 A worker exits on EOF on its control socket (the main process closed it or
 died), on SIGTERM, and, through ``PR_SET_PDEATHSIG``, when its parent dies.
 """
@@ -30,6 +37,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from mobinux.boot import ResolvedFile
@@ -37,7 +45,7 @@ from mobinux.tftp.aio import FileSource, _Transfer, _TransferHost
 from mobinux.tftp.packet import ReadRequest
 from mobinux.tftp.session import ReadSession
 
-__all__ = ["CONTROL_MESSAGE_MAX", "main"]
+__all__ = ["CONTROL_MESSAGE_MAX", "main", "new_event_loop"]
 
 CONTROL_MESSAGE_MAX = 16384  # a handoff message: a file name, a few options, numbers
 _PR_SET_PDEATHSIG = 1
@@ -143,6 +151,19 @@ async def _serve(ctl_fd: int) -> None:
         ctl.close()
 
 
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A uvloop event loop when uvloop is installed, else an asyncio one."""
+    return _loop_factory()()
+
+
 def _die_with_parent(parent: int) -> None:
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL(None, use_errno=True)
@@ -157,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the main process shuts us down
     _die_with_parent(parent)
     logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s %(name)s[worker {os.getpid()}]: %(message)s")
-    asyncio.run(_serve(ctl_fd))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(_serve(ctl_fd))
 
 
 if __name__ == "__main__":
