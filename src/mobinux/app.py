@@ -122,7 +122,8 @@ def build_services(config: ServeConfig, data_dir: Path, inventory: Inventory, st
     iscsi = IscsiRunner(inventory, endpoint, host) if config.iscsi_port else None
     boot = BootService(inventory, endpoint, steps, tftp_root=config.tftp_root,
                        loader_dirs=config.loader_dirs,
-                       on_boot=None if iscsi is None else iscsi.exports.node_booting)
+                       on_boot=None if iscsi is None else iscsi.exports.node_booting,
+                       node_alive=None if iscsi is None else iscsi.exports.node_alive)
     services: list[Service] = []
     if config.dhcp != "off":
         from mobinux.dhcp.aio import DhcpService
@@ -171,6 +172,8 @@ class IscsiRunner:
         self.exports = IscsiExports(self._inventory, endpoint)
         self.service = IscsiService(self.exports, host=host, port=endpoint.iscsi_port)
         self.exports.close_sessions = self._close_sessions
+        self.exports.count_sessions = lambda iqn: len(self.service.registry.for_target(iqn))
+        self.exports.target_alive = self.service.target_alive
         self._recorded: list[IscsiSessionRecord] | None = None
 
     def _close_sessions(self, target_iqn: str) -> int:

@@ -10,7 +10,7 @@ inventory; tests implement them with a few lines.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -107,10 +107,13 @@ class ResolvedFile:
     data: bytes | None = None  # generated content (pxelinux.cfg, iPXE script)
     path: Path | None = None  # a real file, already checked to lie inside its root
     mac: str | None = None  # the node this file was generated for, for logging
+    # Content that takes a while to make (a login's password check): awaited by
+    # HTTP only. A resolver returns it only for HTTP requests (with a query).
+    later: Callable[[], Awaitable[bytes]] | None = None
 
     def __post_init__(self) -> None:
-        if (self.data is None) == (self.path is None):
-            raise ValueError("exactly one of data and path")
+        if (self.data is not None) + (self.path is not None) + (self.later is not None) != 1:
+            raise ValueError("exactly one of data, path and later")
 
 
 class FileResolver(Protocol):

@@ -71,9 +71,11 @@ ip link set lo up
 ip link set eth0 up
 ip addr add "$1/24" dev eth0
 PORTAL=$(arg mbx.portal)
+CHAP=$(arg mbx.chap)
 echo "initramfs: logging in to $(arg mbx.target) at $PORTAL as $(arg mbx.initiator)"
+if [ -n "$CHAP" ]; then set -- -u "${CHAP%%:*}" -w "${CHAP#*:}"; else set --; fi
 iscsistart -i "$(arg mbx.initiator)" -t "$(arg mbx.target)" -g 1 -a "${PORTAL%:*}" \
-    -p "${PORTAL##*:}" || fail "iscsistart"
+    -p "${PORTAL##*:}" "$@" || fail "iscsistart"
 for i in $(seq 1 40); do [ -b /dev/sda ] && break; sleep 0.5; done
 mkdir -p /newroot
 mount -t ext4 /dev/sda /newroot || fail "mount /dev/sda"
@@ -93,6 +95,15 @@ echo "written by $HOST" > /data/$HOST.txt
 echo "boot $BOOT" > /data/boot-$HOST-$BOOT.txt
 sync
 echo "WROTE $HOST boot-$HOST-$BOOT.txt"
+for i in 1 2 3 4 5 6; do [ -b /dev/sdb ] && break; sleep 0.5; done
+if [ -b /dev/sdb ] && mount -t ext4 /dev/sdb /home; then
+    echo "HOME $HOST: [$(ls /home | tr '\n' ' ')]"
+    echo "from $HOST" > /home/note-from-$HOST.txt
+    sync
+    echo "HOME-WROTE $HOST"
+else
+    echo "NO-HOME $HOST"
+fi
 i=0
 while :; do
     i=$((i + 1))
@@ -112,7 +123,7 @@ def _sha256(path: Path) -> str:
 
 def _base_image(tmp_path: Path) -> Path:
     root = tmp_path / "base-root"
-    for d in ("bin", "sbin", "proc", "sys", "dev", "data"):
+    for d in ("bin", "sbin", "proc", "sys", "dev", "data", "home"):
         (root / d).mkdir(parents=True)
     shutil.copy(BUSYBOX, root / "bin" / "busybox")
     for applet in APPLETS:
@@ -169,7 +180,7 @@ def _prepare(tmp_path: Path) -> tuple[Mobinux, Path]:
     mobinux("image", "import", str(base), "--name", "base", "--format", "raw")
     mobinux("image", "ramdisk", str(tree), "--kernel", str(kernel), "--name", "diskless",
             "--cmdline", "console=ttyS0 panic=-1 {ipconfig} mbx.target={target} mbx.portal={portal} "
-            "mbx.initiator={initiator} mbx.host={hostname}")
+            "mbx.initiator={initiator} mbx.chap={chap} mbx.host={hostname}")
     return mobinux, base
 
 

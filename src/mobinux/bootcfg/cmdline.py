@@ -13,6 +13,8 @@ Placeholders are ``{name}`` (``{{`` and ``}}`` for literal braces):
 ``{target}``   the IQN of the node's own iSCSI target (its disk, LUN 0)
 ``{portal}``   ``IP:PORT`` of the iSCSI portal
 ``{initiator}`` the InitiatorName the node must log in with (only it may)
+``{chap}``     ``USER:SECRET``, the one-boot CHAP credentials of a ``--login``
+               node's target after a user logged in (empty otherwise)
 =============  ===========================================================
 
 The three iSCSI placeholders are empty for a node without a disk (no
@@ -27,7 +29,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 from mobinux.errors import InventoryError
 
-PLACEHOLDERS = ("mac", "ip", "hostname", "server", "ipconfig", "target", "portal", "initiator")
+PLACEHOLDERS = ("mac", "ip", "hostname", "server", "ipconfig", "target", "portal", "initiator", "chap")
 
 
 def check_template(template: str) -> None:
@@ -59,6 +61,7 @@ class NodeNetwork:
     iscsi_target: str = ""
     iscsi_portal: str = ""
     iscsi_initiator: str = ""
+    iscsi_chap: str = ""
 
 
 def kernel_ip_param(net: NodeNetwork, device: str = "", autoconf: str = "off") -> str:
@@ -82,6 +85,7 @@ def render(template: str, net: NodeNetwork) -> str:
         "target": net.iscsi_target,
         "portal": net.iscsi_portal,
         "initiator": net.iscsi_initiator,
+        "chap": net.iscsi_chap,
     }
     return template.format_map(values)
 

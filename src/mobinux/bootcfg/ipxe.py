@@ -81,17 +81,52 @@ def iscsi_root_path(server: str, port: int, lun: int, target_iqn: str) -> str:
     return f"iscsi:{server}::{'' if port == 3260 else port}:{lun}:{target_iqn}"
 
 
-def sanboot_script(*, hostname: str, initiator_iqn: str, root_path: str) -> str:
+def sanboot_script(*, hostname: str, initiator_iqn: str, root_path: str,
+                   chap: tuple[str, str] | None = None) -> str:
     """Boot a whole disk over iSCSI: iPXE logs in as *initiator_iqn*, hooks the disk into
     INT 13h (BIOS) or a block I/O protocol (UEFI), describes it in the iBFT so the booted
-    system can log in again, and boots it (https://ipxe.org/cmd/sanboot)."""
+    system can log in again, and boots it (https://ipxe.org/cmd/sanboot).
+
+    *chap* (user, secret): iPXE's iSCSI uses the ``username`` and ``password``
+    settings for CHAP and hands them to the booted system in the iBFT."""
+    creds = ([f"set username {_quote(chap[0])}", f"set password {_quote(chap[1])}"] if chap
+             else ["clear username", "clear password"])
     return "\n".join([
         "#!ipxe",
         f"echo mobinux: booting {_quote(hostname)} from {_quote(root_path)}",
         f"set initiator-iqn {_quote(initiator_iqn)}",
+        *creds,
         f"sanboot {_quote(root_path)} || goto failed",
         ":failed",
         "echo mobinux: sanboot failed; booting from the next boot device",
         "exit",
         "",
     ])
+
+
+def login_script(*, hostname: str, login_url: str, message: str = "") -> str:
+    """Ask for a user name and password (iPXE ``login``) and send them to *login_url*.
+
+    The stock iPXE builds have neither HTTPS nor form parameters (``params``),
+    so they travel in the query string of a plain GET, ``uristring``-encoded;
+    the server never logs query strings. The answer is the boot script itself
+    (or this script again, with *message*)."""
+    lines = ["#!ipxe"]
+    if message:
+        lines.append(f"echo mobinux: {_quote(message)}")
+    lines += [
+        f"echo mobinux: {_quote(hostname)}: log in to attach your disk",
+        ":login",
+        # login prefills its boxes from these settings: start empty every time
+        "clear username",
+        "clear password",
+        "login || goto login",
+        f"chain --replace {login_url}?user=${{username:uristring}}&password=${{password:uristring}}"
+        " || goto failed",
+        ":failed",
+        "echo mobinux: the server did not answer; try again",
+        "sleep 2",
+        "goto login",
+        "",
+    ]
+    return "\n".join(lines)

@@ -6,12 +6,12 @@ import sys
 from collections.abc import Sequence
 
 from mobinux import __version__
-from mobinux.cli import image, node, policy, serve, status, target
+from mobinux.cli import image, node, policy, serve, status, target, user
 from mobinux.cli.common import CliParser
 from mobinux.errors import MobinuxError
 
 GROUPS = {"serve": serve, "status": status, "node": node, "image": image, "policy": policy,
-          "target": target}
+          "target": target, "user": user, "snapshot": user}
 
 
 def build_parser() -> CliParser:
@@ -27,7 +27,7 @@ def build_parser() -> CliParser:
                         "(default: $MOBINUX_DATA_DIR, else ./mobinux-data)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=CliParser)
-    for module in GROUPS.values():
+    for module in dict.fromkeys(GROUPS.values()):  # a module may add several groups
         module.add_parser(sub)
     return parser
 

@@ -60,6 +60,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         p.add_argument("--loader", choices=LOADERS, default="ipxe" if adding else None,
                        help="BIOS boot loader: ipxe, or pxelinux (pxelinux.0 + pxelinux.cfg); "
                        "UEFI clients always use iPXE" + (" (default: ipxe)" if adding else ""))
+        p.add_argument("--login", action=argparse.BooleanOptionalAction, default=None,
+                       help="ask for a user name and password at boot (iPXE login) and attach that "
+                       "user's disk as LUN 1 for the boot, wherever they sit")
+        p.add_argument("--user", metavar="NAME",
+                       help="attach this user's persistent disk as the node's LUN 1 (one node at a "
+                       "time)" + ("" if adding else "; 'none' to detach it"))
         p.add_argument("--cmdline", metavar="ARGS", help="extra kernel arguments; placeholders {mac} {ip} "
                        "{hostname} {server} {ipconfig} {target} {portal} {initiator}")
 
@@ -116,6 +122,16 @@ def _check(node: Node, inv: Inventory) -> None:
         _check_iscsi(node, inv)
     if node.boot == "kernel":
         _check_kernel(node, inv)
+    if node.login and node.user is not None:
+        raise InventoryError("--login attaches the disk of whoever logs in; a node with --login has "
+                             "no fixed --user (give --user none)")
+    if node.login and node.loader == "pxelinux":
+        raise InventoryError("--login needs the iPXE loader (the login prompt is iPXE's)")
+    if (node.user is not None or node.login) and \
+            node_base(node, {i.name: i for i in inv.images()}) is None:
+        raise InventoryError("--user attaches the user's disk as LUN 1 of the node's own target, "
+                             "and this node has no disk for LUN 0: give --disk IMAGE (or --boot "
+                             "iscsi/kernel on a disk image)")
     if (node.persistent or node.overlay_limit is not None) and \
             node_base(node, {i.name: i for i in inv.images()}) is None:
         raise InventoryError("--persistent and --overlay-limit apply to a node's disk, and this "
@@ -212,6 +228,8 @@ def _run(args: argparse.Namespace, inv: Inventory) -> int:
             disk=args.disk,
             persistent=bool(args.persistent),
             overlay_limit=_limit(args.overlay_limit) if args.overlay_limit else None,
+            user=args.user,
+            login=bool(args.login),
         )
         _check(node, inv)
         inv.add_node(node)
@@ -226,11 +244,13 @@ def _run(args: argparse.Namespace, inv: Inventory) -> int:
             changes["ip"] = None if args.ip.lower() in ("none", "") else _ip(args.ip)
         if args.image is not None:
             changes["images"] = tuple(args.image)
-        for key in ("boot", "loader", "cmdline", "persistent"):
+        for key in ("boot", "loader", "cmdline", "persistent", "login"):
             if getattr(args, key) is not None:
                 changes[key] = getattr(args, key)
         if args.disk is not None:
             changes["disk"] = None if args.disk.lower() in ("none", "") else args.disk
+        if args.user is not None:
+            changes["user"] = None if args.user.lower() in ("none", "") else args.user
         if args.overlay_limit is not None:
             changes["overlay_limit"] = (None if args.overlay_limit.lower() in ("none", "")
                                         else _limit(args.overlay_limit))

@@ -39,6 +39,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from pathlib import Path
@@ -96,6 +97,8 @@ class _Reply:
     offset: int = 0
     length: int = 0
     close: bool = False  # close the connection after this reply
+    # content still to be made (awaited before sending) and its name
+    later: tuple[Callable[[], Awaitable[bytes]], str] | None = None
 
     @property
     def body_length(self) -> int:
@@ -257,6 +260,8 @@ class HttpService:
             if request is None:
                 return False
             reply, step = self._answer(request, client_ip)
+            if reply.later is not None:
+                reply = await self._finish_later(request, reply)
             try:
                 await self._send(writer, reply, head_only=request.method == "HEAD")
             finally:
@@ -266,7 +271,8 @@ class HttpService:
                 'HTTP %s "%s %s" %d %d',
                 client_ip,
                 request.method,
-                request.target,
+                # the query may hold a login's password: never logged
+                request.target.partition("?")[0] + ("?..." if "?" in request.target else ""),
                 reply.status,
                 reply.body_length,
             )
@@ -328,8 +334,20 @@ class HttpService:
         step = (resolved.mac, name)
         if resolved.data is not None:
             return self._data_reply(request, resolved.data, name, close), step
+        if resolved.later is not None:
+            return _Reply(200, [], close=close, later=(resolved.later, name)), step
         assert resolved.path is not None
         return self._file_reply(request, resolved.path, name, close), step
+
+    async def _finish_later(self, request: Request, pending: _Reply) -> _Reply:
+        assert pending.later is not None
+        make, name = pending.later
+        try:
+            data = await make()
+        except Exception:
+            self._log.exception("making %r failed", name)
+            return self._error(500, close=True)
+        return self._data_reply(request, data, name, pending.close)
 
     def _data_reply(self, request: Request, data: bytes, name: str, close: bool) -> _Reply:
         # Generated content has no validator, so an If-Range can never match.

@@ -97,6 +97,35 @@ _MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE images ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
     """,
+    # 5: users with persistent disks, attached to a node as its LUN 1
+    """
+    CREATE TABLE users (
+        name      TEXT PRIMARY KEY,
+        password  TEXT,                        -- scrypt hash (users/passwords.py), NULL = no login
+        size      INTEGER NOT NULL,            -- bytes
+        format    TEXT,                        -- file system made at creation, NULL = blank
+        created   REAL NOT NULL
+    );
+    ALTER TABLE nodes ADD COLUMN user TEXT REFERENCES users(name);
+    CREATE UNIQUE INDEX nodes_user ON nodes(user) WHERE user IS NOT NULL;
+    ALTER TABLE nodes ADD COLUMN login INTEGER NOT NULL DEFAULT 0;  -- ask for a user at boot
+    CREATE TABLE boot_logins (                 -- who logged in at a node's current boot
+        mac         TEXT PRIMARY KEY,
+        user        TEXT NOT NULL UNIQUE REFERENCES users(name) ON DELETE CASCADE,
+        chap_user   TEXT NOT NULL,             -- one-boot CHAP credentials of the node's target
+        chap_secret TEXT NOT NULL,
+        since       REAL NOT NULL
+    );
+    CREATE TABLE disk_requests (               -- the CLI asks the running server to do disk work
+        id        INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind      TEXT NOT NULL,               -- snapshot-create | snapshot-rollback | snapshot-delete
+        subject   TEXT NOT NULL,               -- the user
+        arg       TEXT NOT NULL DEFAULT '',    -- the snapshot name
+        requested REAL NOT NULL,
+        finished  REAL,
+        error     TEXT                         -- NULL when it worked
+    );
+    """,
 )
 
 BOOT_MODES = ("ramdisk", "kernel", "iscsi", "local")
@@ -149,6 +178,36 @@ class Target:
 
 
 @dataclass(frozen=True)
+class User:
+    """A user with a persistent disk (``users/<name>/``)."""
+
+    name: str
+    size: int
+    password: str | None = field(default=None, repr=False)  # scrypt hash
+    format: str | None = None
+    created: float = 0.0
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "size": self.size, "format": self.format,
+                "login": self.password is not None, "created": self.created}
+
+
+def _user_from_row(row: sqlite3.Row) -> User:
+    return User(row["name"], row["size"], row["password"], row["format"], row["created"])
+
+
+@dataclass(frozen=True)
+class BootLogin:
+    """A user logged in at a node's current boot: their disk is its LUN 1 until it reboots."""
+
+    mac: str
+    user: str
+    chap_user: str
+    chap_secret: str = field(repr=False)
+    since: float = 0.0
+
+
+@dataclass(frozen=True)
 class IscsiSessionRecord:
     """A live iSCSI session as the server last recorded it (for ``mobinux status``)."""
 
@@ -173,6 +232,8 @@ class Node:
     disk: str | None = None  # disk image served as the node's own iSCSI disk (None: see disk_image)
     persistent: bool = False  # keep the overlay across boots
     overlay_limit: int | None = None  # bytes the overlay may hold; None = no cap
+    user: str | None = None  # whose disk is attached as LUN 1
+    login: bool = False  # ask for a user name and password at boot
 
     @property
     def image(self) -> str | None:
@@ -214,6 +275,8 @@ def _node_from_row(row: sqlite3.Row) -> Node:
         disk=row["disk"],
         persistent=bool(row["persistent"]),
         overlay_limit=row["overlay_limit"],
+        user=row["user"],
+        login=bool(row["login"]),
     )
 
 
@@ -387,10 +450,11 @@ class Inventory:
             self._check_node_conflicts(db, node, replacing=None)
             db.execute(
                 "INSERT INTO nodes (name, mac, ip, images, boot, loader, cmdline, created, disk,"
-                " persistent, overlay_limit) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " persistent, overlay_limit, user, login)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (node.name, node.mac, node.ip, json.dumps(list(node.images)), node.boot,
                  node.loader, node.cmdline, node.created or time.time(), node.disk,
-                 int(node.persistent), node.overlay_limit),
+                 int(node.persistent), node.overlay_limit, node.user, int(node.login)),
             )
 
     def replace_node(self, old_name: str, node: Node) -> None:
@@ -400,13 +464,21 @@ class Inventory:
             self._check_node_conflicts(db, node, replacing=old_name)
             db.execute(
                 "UPDATE nodes SET name=?, mac=?, ip=?, images=?, boot=?, loader=?, cmdline=?,"
-                " disk=?, persistent=?, overlay_limit=? WHERE name = ?",
+                " disk=?, persistent=?, overlay_limit=?, user=?, login=? WHERE name = ?",
                 (node.name, node.mac, node.ip, json.dumps(list(node.images)), node.boot,
                  node.loader, node.cmdline, node.disk, int(node.persistent), node.overlay_limit,
-                 old_name),
+                 node.user, int(node.login), old_name),
             )
 
     def _check_node_conflicts(self, db: sqlite3.Connection, node: Node, replacing: str | None) -> None:
+        if node.user is not None:
+            if db.execute("SELECT 1 FROM users WHERE name = ?", (node.user,)).fetchone() is None:
+                raise InventoryError(f"no user named {node.user!r} (see: mobinux user list)")
+            row = db.execute("SELECT name FROM nodes WHERE user = ?", (node.user,)).fetchone()
+            if row is not None and row["name"] != replacing:
+                raise InventoryError(f"user {node.user!r}'s disk is attached to node {row['name']!r}; "
+                                     f"a user disk is attached to one node at a time (mobinux node "
+                                     f"set {row['name']} --user none)")
         for column, value, what in (("name", node.name, "name"), ("mac", node.mac, "MAC address"),
                                     ("ip", node.ip, "IP address")):
             if value is None:
@@ -516,6 +588,89 @@ class Inventory:
             IscsiSessionRecord(r["initiator"], r["target"], r["node"], r["peer"], r["since"], r["kind"])
             for r in self._db.execute("SELECT * FROM iscsi_sessions ORDER BY since, id")
         ]
+
+    # -- users ----------------------------------------------------------------
+
+    def add_user(self, user: User) -> None:
+        try:
+            with self._tx() as db:
+                db.execute("INSERT INTO users (name, password, size, format, created)"
+                           " VALUES (?, ?, ?, ?, ?)",
+                           (user.name, user.password, user.size, user.format,
+                            user.created or time.time()))
+        except sqlite3.IntegrityError:
+            raise InventoryError(f"user {user.name!r} already exists") from None
+
+    def get_user(self, name: str) -> User | None:
+        row = self._db.execute("SELECT * FROM users WHERE name = ?", (name,)).fetchone()
+        return None if row is None else _user_from_row(row)
+
+    def users(self) -> list[User]:
+        return [_user_from_row(r) for r in self._db.execute("SELECT * FROM users ORDER BY name")]
+
+    def set_user_password(self, name: str, password_hash: str | None) -> None:
+        with self._tx() as db:
+            if db.execute("UPDATE users SET password = ? WHERE name = ?",
+                          (password_hash, name)).rowcount == 0:
+                raise InventoryError(f"no user named {name!r} (see: mobinux user list)")
+
+    def remove_user(self, name: str) -> User:
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM users WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise InventoryError(f"no user named {name!r} (see: mobinux user list)")
+            node = db.execute("SELECT name FROM nodes WHERE user = ?", (name,)).fetchone()
+            if node is not None:
+                raise InventoryError(f"user {name!r}'s disk is attached to node {node['name']!r}; "
+                                     f"detach it first (mobinux node set {node['name']} --user none)")
+            db.execute("DELETE FROM users WHERE name = ?", (name,))
+            return _user_from_row(row)
+
+    # -- boot-time logins ---------------------------------------------------------
+
+    def boot_logins(self) -> list[BootLogin]:
+        return [BootLogin(r["mac"], r["user"], r["chap_user"], r["chap_secret"], r["since"])
+                for r in self._db.execute("SELECT * FROM boot_logins ORDER BY since")]
+
+    def set_boot_login(self, login: BootLogin) -> None:
+        """Record *login*, replacing the node's earlier one and the user's login elsewhere."""
+        with self._tx() as db:
+            db.execute("DELETE FROM boot_logins WHERE mac = ? OR user = ?", (login.mac, login.user))
+            db.execute("INSERT INTO boot_logins (mac, user, chap_user, chap_secret, since)"
+                       " VALUES (?, ?, ?, ?, ?)",
+                       (login.mac, login.user, login.chap_user, login.chap_secret,
+                        login.since or time.time()))
+
+    def clear_boot_login(self, mac: str) -> bool:
+        with self._tx() as db:
+            return db.execute("DELETE FROM boot_logins WHERE mac = ?", (mac,)).rowcount > 0
+
+    # -- disk requests (CLI -> running server) ------------------------------------
+
+    def add_disk_request(self, kind: str, subject: str, arg: str = "") -> int:
+        with self._tx() as db:
+            cur = db.execute("INSERT INTO disk_requests (kind, subject, arg, requested)"
+                             " VALUES (?, ?, ?, ?)", (kind, subject, arg, time.time()))
+            return int(cur.lastrowid or 0)
+
+    def pending_disk_requests(self) -> list[tuple[int, str, str, str]]:
+        return [(r["id"], r["kind"], r["subject"], r["arg"]) for r in self._db.execute(
+            "SELECT * FROM disk_requests WHERE finished IS NULL ORDER BY id")]
+
+    def finish_disk_request(self, request_id: int, error: str | None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE disk_requests SET finished = ?, error = ? WHERE id = ?",
+                       (time.time(), error, request_id))
+            # keep the table small: answers older than a day are of no use to anyone
+            db.execute("DELETE FROM disk_requests WHERE finished < ?", (time.time() - 86400,))
+
+    def disk_request_result(self, request_id: int) -> tuple[bool, str | None]:
+        """(finished, error) of a request."""
+        row = self._db.execute("SELECT finished, error FROM disk_requests WHERE id = ?",
+                               (request_id,)).fetchone()
+        if row is None:
+            return True, "the request disappeared"
+        return row["finished"] is not None, row["error"]
 
     # -- node resets (``mobinux node reset`` while a server runs) ---------------
 

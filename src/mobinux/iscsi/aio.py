@@ -212,6 +212,12 @@ class IscsiService:
             for s in self.registry
         ]
 
+    def target_alive(self, target_iqn: str) -> bool:
+        """Whether some initiator logged in to *target_iqn* was heard from within the last
+        tick or two. A machine switched off never logs out, but it stops talking: a Linux
+        initiator sends NOP-Outs every few seconds and answers our NOP-Ins."""
+        return any(s.heard is None or s.heard() for s in self.registry.for_target(target_iqn))
+
     def close_sessions(self, target_iqn: str, *, reason: str = "closed by the server") -> int:
         """Drop every session logged in to *target_iqn*; returns how many."""
         sessions = self.registry.for_target(target_iqn)
@@ -431,7 +437,8 @@ class _IscsiProtocol(asyncio.BufferedProtocol):
             if scsi is None
             else functools.partial(_nexus_lost, scsi, params.nexus, service.log)
         )
-        session = Session(params, self.peer, time.time(), self._closed_by_registry, on_end)
+        session = Session(params, self.peer, time.time(), self._closed_by_registry, on_end,
+                          heard=lambda: core.idle_ticks == 0)
         self.session = session
         service.registry.add(session)
         core.attach(scsi)

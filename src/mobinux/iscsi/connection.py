@@ -441,6 +441,9 @@ class IscsiConnection:
         self._rx_activity = False
         self._ticks = 0
         self._discovery = False
+        # Ticks in a row with nothing received: 0 while the initiator talks (a Linux
+        # initiator sends NOP-Outs every few seconds and answers our NOP-Ins).
+        self.idle_ticks = 0
 
     # ------------------------------------------------------------------ adapter API
 
@@ -591,7 +594,9 @@ class IscsiConnection:
             return
         if self._rx_activity:
             self._rx_activity = False
+            self.idle_ticks = 0
             return
+        self.idle_ticks += 1
         # §11.19: a NOP-In with a valid TTT asks for a NOP-Out; ITT 0xffffffff, StatSN not advanced.
         # The answer is not required: iPXE never sends one, and it stays connected.
         bhs = bytearray(BHS_LEN)

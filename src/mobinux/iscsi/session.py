@@ -35,6 +35,8 @@ class Session:
     # Run once when the session ends (the adapter tells the SCSI layer the nexus is lost).
     on_end: Callable[[], None] | None = None
     ended: bool = False
+    # Whether the initiator was heard from lately (None: assume it was).
+    heard: Callable[[], bool] | None = None
 
     @property
     def tsih(self) -> int:

@@ -16,9 +16,12 @@ The file namespace clients see (TFTP and HTTP alike)::
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
 import re
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,10 +33,11 @@ from mobinux.boot import BootOffer, BootRequest, Firmware, ResolvedFile
 from mobinux.bootcfg import cmdline as cmdline_mod
 from mobinux.bootcfg import ipxe, pxelinux
 from mobinux.errors import InventoryError, PathRefused
-from mobinux.inventory.db import Image, Inventory, Node
+from mobinux.inventory.db import BootLogin, Image, Inventory, Node
 from mobinux.paths import contained_file
 from mobinux.service.node_disks import node_base
 from mobinux.service.steps import StepLog
+from mobinux.users.passwords import hash_password, verify_password
 
 log = logging.getLogger("mobinux.boot")
 
@@ -53,6 +57,12 @@ def normalise_mac(text: str) -> str | None:
 
 def default_node_name(mac: str) -> str:
     return "node-" + mac.replace(":", "")
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Checked against when the user does not exist, so a refusal takes as long either way."""
+    return hash_password("no such user")
 
 
 ENDPOINT_SETTING = "server.endpoint"  # written by `mobinux serve`, read by the CLI
@@ -126,12 +136,15 @@ class BootService:
         tftp_root: Path | None = None,
         loader_dirs: tuple[Path, ...] = (),
         on_boot: Callable[[str], None] | None = None,
+        node_alive: Callable[[str], bool] | None = None,
     ) -> None:
         """*on_boot(mac)* is told of each sign that a registered node starts a new
         boot (its PXE DHCP request, its boot script or pxelinux config); the
         iSCSI side then ends that node's previous boot (its sessions, its overlay)."""
         self._inv = inventory
         self._on_boot = on_boot
+        # Whether a node's iSCSI initiator is still talking (a login elsewhere is then refused).
+        self._node_alive = node_alive
         self._endpoint = endpoint
         self._steps = steps
         self._tftp_root = tftp_root
@@ -250,13 +263,18 @@ class BootService:
             except ValueError:
                 ip = None
         iscsi = self.iscsi_info(node)
+        login = self._login_of(node.mac) if node.login else None
         return cmdline_mod.NodeNetwork(
             mac=node.mac, hostname=node.name, server=self._endpoint.server, ip=ip,
             subnet=self._endpoint.subnet, gateway=self._endpoint.gateway,
             iscsi_target="" if iscsi is None else str(iscsi["target"]),
             iscsi_portal="" if iscsi is None else str(iscsi["portal"]),
             iscsi_initiator="" if iscsi is None else str(iscsi["initiator"]),
+            iscsi_chap="" if login is None else f"{login.chap_user}:{login.chap_secret}",
         )
+
+    def _login_of(self, mac: str) -> BootLogin | None:
+        return next((b for b in self._inv.boot_logins() if b.mac == mac), None)
 
     def boot_cmdline(self, node: Node, image: Image, client_ip: str | None = None) -> str:
         template = cmdline_mod.join(image.cmdline, node.cmdline)
@@ -287,14 +305,19 @@ class BootService:
             "lun": 0,
         }
 
-    def ipxe_script(self, node: Node, client_ip: str | None) -> str:
+    def ipxe_script(self, node: Node, client_ip: str | None, *, logged_in: bool = False) -> str:
+        if node.login and not logged_in and node.boot != "local":
+            return self._login_prompt(node)
         if node.boot == "local":
             return ipxe.local_boot_script()
         if node.boot == "iscsi":
             root_path = ipxe.iscsi_root_path(str(self._endpoint.server), self._endpoint.iscsi_port,
                                              0, self._endpoint.node_target_iqn(node.mac))
+            login = self._login_of(node.mac) if node.login else None
             return ipxe.sanboot_script(hostname=node.name, root_path=root_path,
-                                       initiator_iqn=self._endpoint.node_initiator_iqn(node.mac))
+                                       initiator_iqn=self._endpoint.node_initiator_iqn(node.mac),
+                                       chap=None if login is None else (login.chap_user,
+                                                                        login.chap_secret))
         entries = [
             ipxe.IpxeEntry(
                 label=f"img{i}",
@@ -306,6 +329,53 @@ class BootService:
             for i, image in enumerate(self._entries(node))
         ]
         return ipxe.render_script(entries, hostname=node.name)
+
+    # -- boot-time login -----------------------------------------------------
+
+    def _login_prompt(self, node: Node, message: str = "") -> str:
+        url = self._endpoint.http_url(f"login/{node.mac.replace(':', '-')}.ipxe")
+        return ipxe.login_script(hostname=node.name, login_url=url, message=message)
+
+    async def _login(self, node: Node, query: str, client_ip: str) -> bytes:
+        """Check a login from iPXE; attach the user's disk for this boot, or ask again."""
+        form = parse_qs(query, keep_blank_values=True)
+        name = (form.get("user") or [""])[0].strip()
+        password = (form.get("password") or [""])[0]
+        user = self._inv.get_user(name) if name else None
+        stored = None if user is None else user.password
+        # The hash is checked in a thread (scrypt takes ~0.1 s); an unknown user costs
+        # the same, so timing does not tell which names exist.
+        ok = await asyncio.to_thread(verify_password, password, stored or _dummy_hash())
+        if user is None or stored is None or not ok:
+            log.warning("%s (%s): login as %r refused: wrong user name or password", node.name,
+                        client_ip, name[:64])
+            return self._login_prompt(node, "login failed: wrong user name or password").encode()
+        refusal = self._login_refusal(node, user.name)
+        if refusal is not None:
+            log.warning("%s (%s): login as %s refused: %s", node.name, client_ip, user.name, refusal)
+            return self._login_prompt(node, f"login refused: {refusal}").encode()
+        secret = secrets.token_urlsafe(18)  # 24 characters: a CHAP secret for this boot only
+        self._inv.set_boot_login(BootLogin(node.mac, user.name, "mobinux-boot", secret, time.time()))
+        self._generation = None
+        log.info("%s (%s): user %s logged in; their disk is attached for this boot", node.name,
+                 client_ip, user.name)
+        self._steps(node.mac, client_ip, f"login {user.name}")
+        return self.ipxe_script(node, client_ip, logged_in=True).encode()
+
+    def _login_refusal(self, node: Node, user: str) -> str | None:
+        """Why *user* may not attach their disk to *node* now, or None."""
+        self._refresh()
+        for other in self._nodes_by_mac.values():
+            if other.user == user and other.mac != node.mac:
+                return f"{user}'s disk is attached to node {other.name}"
+        for login in self._inv.boot_logins():
+            if login.user == user and login.mac != node.mac:
+                other_node = self._nodes_by_mac.get(login.mac)
+                alive = self._node_alive is not None and self._node_alive(login.mac)
+                if alive:
+                    where = other_node.name if other_node else login.mac
+                    return f"{user} is logged in on node {where}"
+        return None
 
     def pxelinux_config(self, node: Node | None, client_ip: str | None) -> str:
         if node is None or node.boot == "local":
@@ -334,6 +404,8 @@ class BootService:
             return self._script_file(name, normalise_mac(rest[: -len(".ipxe")]), client_ip)
         if head == "pxelinux.cfg" and rest and "/" not in rest:
             return self._pxelinux_file(name, rest, client_ip)
+        if head == "login" and rest.endswith(".ipxe") and "/" not in rest and query:
+            return self._login_file(name, normalise_mac(rest[: -len(".ipxe")]), query, client_ip)
         if head == "images" and rest:
             path = contained_file(self._images_dir, rest)
             return None if path is None else ResolvedFile(name, path=path,
@@ -351,6 +423,14 @@ class BootService:
             text = self.ipxe_script(node, client_ip)
         self._steps.learn(mac, client_ip)
         return ResolvedFile(name, data=text.encode(), mac=mac)
+
+    def _login_file(self, name: str, mac: str | None, query: str,
+                    client_ip: str) -> ResolvedFile | None:
+        node = None if mac is None else self._node_for_mac(mac, enroll=False)
+        if node is None or not node.login or mac not in self._nodes_by_mac:
+            return None
+        self._steps.learn(node.mac, client_ip)
+        return ResolvedFile(name, later=lambda: self._login(node, query, client_ip), mac=node.mac)
 
     def _pxelinux_file(self, name: str, leaf: str, client_ip: str) -> ResolvedFile | None:
         mac = pxelinux.mac_from_name(leaf)
@@ -409,6 +489,8 @@ class BootService:
             "disk": node.disk_image if self.node_has_disk(node) else None,
             "persistent": node.persistent,
             "overlay_limit": node.overlay_limit,
+            "user": node.user,
+            "login": node.login,
             "script_url": self.script_url(node.mac),
         }
         iscsi = self.iscsi_info(node)

@@ -21,16 +21,19 @@ sessions already logged in keep the object they started with.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from mobinux.errors import MobinuxError
 from mobinux.images.versions import collect_unused
-from mobinux.inventory.db import Image, Inventory, Node
+from mobinux.inventory.db import BootLogin, Image, Inventory, Node
 from mobinux.iscsi.params import ChapSecret, TargetEntry
 from mobinux.scsi import LogicalUnit, ScsiTarget
 from mobinux.service.boot import Endpoint
 from mobinux.service.node_disks import NodeDisks, node_base, remove_overlay
+from mobinux.service.user_disks import REQUEST_KINDS, UserDisks
 from mobinux.storage.file import FileDevice
 
 log = logging.getLogger("mobinux.iscsi")
@@ -55,10 +58,15 @@ class NodeDiskSpec:
     base: str  # the base image file, relative to the data directory
     persistent: bool
     limit: int | None
+    user: str | None = None  # whose disk is LUN 1
+    chap: tuple[str, str] | None = field(default=None, repr=False)  # one-boot CHAP after a login
 
 
 SessionCloser = Callable[[str], int]
 """Closes every session logged in to a target IQN; returns how many."""
+
+SessionCounter = Callable[[str], int]
+"""How many sessions are logged in to a target IQN."""
 
 
 class IscsiExports:
@@ -75,7 +83,10 @@ class IscsiExports:
         self._node_iqns: dict[str, str] = {}  # lower-case IQN -> MAC
         self._node_scsi: dict[str, tuple[NodeDiskSpec, ScsiTarget]] = {}  # MAC -> target
         self.disks = NodeDisks(inventory.data_dir)
+        self.users = UserDisks(inventory.data_dir)
         self.close_sessions: SessionCloser = lambda iqn: 0  # set by the server
+        self.count_sessions: SessionCounter = lambda iqn: 0  # set by the server
+        self.target_alive: Callable[[str], bool] = lambda iqn: False  # set by the server
 
     # -- inventory --------------------------------------------------------
 
@@ -96,18 +107,32 @@ class IscsiExports:
                 chap=chap, mutual_chap=mutual, alias=t.name)
             specs[iqn.lower()] = ExportSpec(iqn, t.file, t.readonly)
         images = {i.name: i for i in self._inv.images()}
+        logins = {b.mac: b for b in self._inv.boot_logins()}
         node_specs: dict[str, NodeDiskSpec] = {}
         for node in self._inv.nodes():
-            spec = self._node_spec(node, images)
+            spec = self._node_spec(node, images, logins.get(node.mac) if node.login else None)
             if spec is None:
                 continue
             node_specs[node.mac] = spec
             entries[spec.iqn.lower()] = TargetEntry(
                 iqn=spec.iqn,
                 allowed_initiators=frozenset({self._endpoint.node_initiator_iqn(node.mac).lower()}),
+                chap=None if spec.chap is None else ChapSecret(spec.chap[0], spec.chap[1].encode()),
                 alias=node.name)
         for mac in self._node_specs.keys() - node_specs.keys():
             self._node_gone(mac)
+        for mac, spec in node_specs.items():
+            old = self._node_specs.get(mac)
+            if old is not None and old.user != spec.user:
+                # The user disk was attached or detached: the node logs in again to see it.
+                closed = self.close_sessions(spec.iqn)
+                self._node_scsi.pop(mac, None)
+                log.info("node %s: user disk %s -> %s; %d session(s) closed", spec.name,
+                         old.user or "none", spec.user or "none", closed)
+        attached = {spec.user for spec in node_specs.values() if spec.user}
+        for user in self.users.names():
+            if user not in attached:
+                self.users.close_user(user)
         for mac, spec in node_specs.items():
             disk = self.disks.get(mac)
             if disk is not None:
@@ -117,12 +142,15 @@ class IscsiExports:
         self._node_iqns = {s.iqn.lower(): mac for mac, s in node_specs.items()}
         self._generation = generation
 
-    def _node_spec(self, node: Node, images: dict[str, Image]) -> NodeDiskSpec | None:
+    def _node_spec(self, node: Node, images: dict[str, Image],
+                   login: BootLogin | None) -> NodeDiskSpec | None:
         base = node_base(node, images)
         if base is None:
             return None
+        user = node.user if login is None else login.user
+        chap = None if login is None else (login.chap_user, login.chap_secret)
         return NodeDiskSpec(self._endpoint.node_target_iqn(node.mac), node.mac, node.name, base,
-                            node.persistent, node.overlay_limit)
+                            node.persistent, node.overlay_limit, user, chap)
 
     def _node_gone(self, mac: str) -> None:
         """A node lost its disk (removed, or no disk any more): end its sessions, drop the overlay."""
@@ -144,6 +172,8 @@ class IscsiExports:
         Called before this boot's own logins, which come after the boot
         script; nothing calls it between iPXE's login and the booted system's.
         """
+        if self._inv.clear_boot_login(mac):  # who logged in last time must log in again
+            log.info("node %s: new boot: the last boot's login ended", mac)
         self._refresh()
         spec = self._node_specs.get(mac)
         if spec is None:
@@ -191,6 +221,25 @@ class IscsiExports:
                 self.disks.close_node(mac)
                 remove_overlay(self._inv.data_dir, mac)
             self._inv.finish_node_reset(mac)
+        for request, kind, user, arg in self._inv.pending_disk_requests():
+            self._inv.finish_disk_request(request, self._disk_request(kind, user, arg))
+
+    def _disk_request(self, kind: str, user: str, arg: str) -> str | None:
+        """Carry out a CLI's snapshot request; the error message, or None."""
+        if kind not in REQUEST_KINDS:
+            return f"unknown request {kind!r}"
+        if kind != "snapshot-create":
+            for spec in self._node_specs.values():
+                if spec.user == user and self.count_sessions(spec.iqn):
+                    return (f"user {user}'s disk is attached to node {spec.name}, which is up; "
+                            f"shut it down first (or detach the disk: mobinux node set {spec.name} "
+                            "--user none)")
+        try:
+            self.users.run(kind, user, arg, time.time())
+        except (OSError, ValueError, KeyError, MobinuxError) as exc:
+            return str(exc)
+        log.info("user %s: %s %s", user, kind, arg)
+        return None
 
     # -- TargetDirectory ----------------------------------------------------
 
@@ -254,9 +303,20 @@ class IscsiExports:
                             exc.strerror or exc)
             return None
         disk.used = True
-        target = ScsiTarget({0: LogicalUnit(disk.overlay, device_id=f"{spec.iqn}/0")})
+        luns = {0: LogicalUnit(disk.overlay, device_id=f"{spec.iqn}/0")}
+        if spec.user is not None:
+            try:
+                # The user's disk keeps its identity (VPD 83h) on whichever node it is attached.
+                luns[1] = LogicalUnit(self.users.open(spec.user), device_id=f"mobinux-user/{spec.user}")
+            except Exception as exc:  # the node still gets its own disk
+                log.error("node %s: cannot open user %s's disk: %s", spec.name, spec.user, exc)
+        target = ScsiTarget(luns)
         self._node_scsi[spec.mac] = (spec, target)
         return target
+
+    def node_alive(self, mac: str) -> bool:
+        """Whether the node's initiator still talks to its target (see IscsiService.target_alive)."""
+        return self.target_alive(self._endpoint.node_target_iqn(mac))
 
     def node_of(self, iqn: str) -> str | None:
         """The node whose own disk target *iqn* is, for ``mobinux status``."""
@@ -266,6 +326,7 @@ class IscsiExports:
 
     def close(self) -> None:
         self.disks.close()
+        self.users.close()
         self._node_scsi.clear()
         for _, _, device in self._scsi.values():
             device.close()

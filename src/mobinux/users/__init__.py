@@ -1,0 +1,1 @@
+"""Users: persistent per-user disks with snapshots, and boot-time login."""
