@@ -61,6 +61,14 @@ def _boot_script(srv: Server, mac: str) -> str:
         return str(reply.read().decode())
 
 
+def _settle(srv: Server) -> None:
+    """Wait until the server has recorded that the last qemu-io logged out (once a second)."""
+    deadline = time.monotonic() + 10
+    while json.loads(_mobinux(srv, "status", "--json").stdout)["iscsi_sessions"]:
+        assert time.monotonic() < deadline, "sessions never ended"
+        time.sleep(0.2)
+
+
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -145,6 +153,7 @@ def test_image_commit_and_update_make_versions_that_nodes_get_at_their_next_boot
     disks = srv.data_dir / "disks" / "base"
     assert _qemu_io(srv, MAC_A, "write -P 0x11 0 64k", "flush").returncode == 0  # installed on A
     assert _qemu_io(srv, MAC_B, "write -P 0x22 1M 64k", "flush").returncode == 0  # B runs v1
+    _settle(srv)
     res = _mobinux(srv, "image", "commit", "pca")
     assert "version 2" in res.stdout
     image = next(i for i in json.loads(_mobinux(srv, "image", "list", "--json").stdout)
@@ -170,12 +179,14 @@ def test_image_commit_and_update_make_versions_that_nodes_get_at_their_next_boot
     _boot_script(srv, MAC_A)
     assert _pattern_ok(srv, MAC_A, 0, 65536, 0x77)
     # committing a node with nothing written, an unknown image to update
+    _settle(srv)
     res = _mobinux(srv, "image", "commit", "pca", ok=False)
     assert res.returncode == 1 and "nothing to commit" in res.stderr
     res = _mobinux(srv, "image", "import", str(new), "--name", "nope", "--update", ok=False)
     assert res.returncode == 1 and "no disk image 'nope'" in res.stderr
     # commit into a new image: the node's own image is left as it was
     assert _qemu_io(srv, MAC_A, "write -P 0x31 0 64k", "flush").returncode == 0
+    _settle(srv)
     assert "a new disk image" in _mobinux(srv, "image", "commit", "pca", "--name", "desk2").stdout
     _mobinux(srv, "node", "set", "pcb", "--image", "desk2")
     _boot_script(srv, MAC_B)
