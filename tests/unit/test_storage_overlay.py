@@ -852,6 +852,74 @@ def test_concurrent_writes_discards_reads_and_flushes(tmp_path: Path) -> None:
     again.close()
 
 
+# -- layering: absorb_base, rebase, chunk_states ---------------------------------------
+
+
+def test_absorb_base_keeps_every_byte_and_stops_reading_the_base(
+    ov: Overlay, base: SpyBase, tmp_path: Path
+) -> None:
+    last = SIZE // CS - 1  # the base's last 16 chunks are a hole (zeros)
+    ov.write(CS + 5, b"w")  # chunk 1: DATA already
+    ov.discard(2 * CS, CS)  # chunk 2: ZERO already
+    before = read(ov, 0, SIZE)
+    copied = ov.absorb_base(0, 4)
+    assert copied == 2 * CS  # chunks 0 and 3; 1 and 2 were left alone
+    states = ov.chunk_states()
+    assert list(states[:4]) == [DATA, DATA, ZERO, DATA] and states[4] == BASE
+    assert ov.absorb_base(last - 1, last + 1) == 0  # zeros in the base: ZERO, no space
+    assert list(ov.chunk_states()[last - 1 :]) == [ZERO, ZERO]
+    assert ov.allocated_bytes == 3 * CS
+    assert read(ov, 0, SIZE) == before
+    # Over another base that agrees outside the absorbed chunks, nothing changes.
+    other = MemoryDevice(SIZE)
+    other.write(4 * CS, base_bytes(4 * CS, (last - 5) * CS))
+    ov.rebase(other)
+    assert ov.base is other
+    assert read(ov, 0, SIZE) == before
+    ov.close()
+    again = Overlay.open(other, tmp_path / "ov")
+    assert read(again, 0, SIZE) == before
+    with pytest.raises(ValueError):
+        again.absorb_base(0, last + 2)
+    with pytest.raises(ValueError):
+        again.rebase(MemoryDevice(SIZE - 512))
+    again.close()
+
+
+def test_absorb_base_leaves_alone_a_chunk_written_meanwhile(ov: Overlay, base: SpyBase) -> None:
+    def write_first() -> None:
+        base.before_read = None
+        ov.write(CS + 10, b"new")  # a copy-up of chunk 1 while absorb reads it
+
+    base.before_read = write_first
+    ov.absorb_base(1, 2)
+    assert read(ov, CS, 20) == base_bytes(CS, 10) + b"new" + base_bytes(CS + 13, 7)
+    assert ov.allocated_bytes == CS
+
+
+def test_absorb_base_respects_the_limit(base: SpyBase, tmp_path: Path) -> None:
+    o = Overlay.create(base, tmp_path / "ov", chunk_size=CS, limit=CS)
+    assert o.absorb_base(0, 1) == CS
+    with pytest.raises(OSError) as info:
+        o.absorb_base(1, 2)
+    assert info.value.errno == errno.ENOSPC
+    assert o.chunk_states()[1] == BASE and read(o, CS, CS) == base_bytes(CS, CS)
+    o.close()
+
+
+def test_close_without_flush_loses_what_was_not_flushed(base: SpyBase, tmp_path: Path) -> None:
+    o = Overlay.create(base, tmp_path / "ov", chunk_size=CS)
+    o.write(0, b"kept")
+    o.flush()
+    o.write(5 * CS, b"lost")  # a copy-up whose state change was never flushed
+    o.close(flush=False)
+    o.close()  # idempotent either way
+    again = Overlay.open(base, tmp_path / "ov")
+    assert read(again, 0, 4) == b"kept"
+    assert read(again, 5 * CS, 4) == base_bytes(5 * CS, 4)
+    again.close()
+
+
 # -- stateful model test ---------------------------------------------------------------
 
 M_CS = 1024

@@ -29,7 +29,7 @@ from mobinux.service.user_disks import (
 from mobinux.users.passwords import MAX_PASSWORD, hash_password
 
 if TYPE_CHECKING:
-    from mobinux.storage.userdisk import UserDisk
+    from mobinux.storage.chain import UserDisk
 
 DEFAULT_SIZE = "10G"
 REQUEST_WAIT = 120.0  # seconds the CLI waits for a running server to do snapshot work
@@ -239,7 +239,7 @@ def _disk_op(inv: Inventory, kind: str, user: str, arg: str) -> None:
 
 
 def _with_disk(data: Path, user: str, fn: Callable[[UserDisk], None]) -> None:
-    from mobinux.storage.userdisk import UserDisk
+    from mobinux.storage.chain import UserDisk
 
     disk = UserDisk.open(disk_dir(data, user))
     try:

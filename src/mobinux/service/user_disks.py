@@ -1,6 +1,6 @@
 """Users' persistent disks: open, attach as a node's LUN 1, snapshot, roll back.
 
-Each user's disk is a :class:`~mobinux.storage.userdisk.UserDisk` in
+Each user's disk is a :class:`~mobinux.storage.chain.UserDisk` in
 ``users/<name>/disk/`` (a chain of copy-on-write layers over a blank disk;
 snapshots cost metadata only). Only one process may have a disk open: the
 server, when it runs (it attaches disks to nodes), else the CLI. So the CLI
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from mobinux.errors import InventoryError, LocalError
 
 if TYPE_CHECKING:  # imported where used: the CLI loads this module for every command
-    from mobinux.storage.userdisk import SnapshotInfo, UserDisk
+    from mobinux.storage.chain import SnapshotInfo, UserDisk
 
 log = logging.getLogger("mobinux.users")
 
@@ -58,7 +58,7 @@ def create_user_disk(data_dir: Path, name: str, size: int, fmt: str | None,
     if directory.exists():
         shutil.rmtree(directory)  # left by an interrupted `user add` that never registered it
     directory.mkdir(parents=True, mode=0o700)
-    from mobinux.storage.userdisk import UserDisk
+    from mobinux.storage.chain import UserDisk
 
     disk = UserDisk.create(directory, size)
     try:
@@ -127,7 +127,7 @@ class UserDisks:
     def open(self, name: str) -> UserDisk:
         disk = self._open.get(name)
         if disk is None:
-            from mobinux.storage.userdisk import UserDisk
+            from mobinux.storage.chain import UserDisk
 
             disk = UserDisk.open(disk_dir(self._data_dir, name))
             self._open[name] = disk
@@ -161,7 +161,7 @@ class UserDisks:
 
 def apply_snapshot_op(disk: UserDisk, kind: str, arg: str, now: float) -> None:
     """Run one snapshot operation; a refused one raises InventoryError with the reason."""
-    from mobinux.storage.userdisk import SnapshotError
+    from mobinux.storage.chain import SnapshotError
 
     try:
         if kind == "snapshot-create":
@@ -178,7 +178,7 @@ def apply_snapshot_op(disk: UserDisk, kind: str, arg: str, now: float) -> None:
 
 def list_snapshots(data_dir: Path, name: str) -> list[SnapshotInfo]:
     """The user's snapshots, read without opening the disk for writing."""
-    from mobinux.storage.userdisk import UserDisk
+    from mobinux.storage.chain import UserDisk
 
     try:
         return UserDisk.list_snapshots(disk_dir(data_dir, name))

@@ -3,6 +3,9 @@
 Storage is a dict of fixed-size chunks; a chunk that was never written (or was
 discarded whole) does not exist and reads as zeros, so a "1 TiB" test disk
 costs only what is written to it.  ``extents`` reports chunk granularity.
+
+ZeroDevice: a read-only blank disk of any size that costs nothing (the base
+of a user disk's first layer).
 """
 
 from __future__ import annotations
@@ -124,3 +127,55 @@ class MemoryDevice:
 
     def close(self) -> None:
         self.closed = True
+
+
+class ZeroDevice:
+    """A read-only device of *size* bytes that reads zeros and holds nothing: a blank disk."""
+
+    def __init__(self, size: int) -> None:
+        if size < 0 or size % SECTOR:
+            raise ValueError(f"size {size} is not a non-negative multiple of {SECTOR}")
+        self._size = size
+
+    def __repr__(self) -> str:
+        return f"ZeroDevice({self._size})"
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def readonly(self) -> bool:
+        return True
+
+    def read_into(self, offset: int, buf: memoryview, *, nowait: bool = False) -> None:
+        check_range(self._size, offset, len(buf))
+        pos = 0
+        while pos < len(buf):
+            n = min(len(_ZEROS), len(buf) - pos)
+            buf[pos : pos + n] = _ZEROS[:n]
+            pos += n
+
+    def write(
+        self, offset: int, data: bytes | bytearray | memoryview, *, nowait: bool = False
+    ) -> None:
+        raise OSError(errno.EROFS, "a blank disk is read-only")
+
+    def flush(self) -> None:
+        pass
+
+    def discard(self, offset: int, length: int) -> None:
+        raise OSError(errno.EROFS, "a blank disk is read-only")
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        raise OSError(errno.EROFS, "a blank disk is read-only")
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        check_range(self._size, offset, length)
+        return [(offset, length, False)] if length else []
+
+    def close(self) -> None:
+        pass
+
+
+_ZEROS = bytes(1 << 20)

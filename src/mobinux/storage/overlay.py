@@ -75,8 +75,13 @@ but whose contents are impossible is corruption and refuses the open.  Open
 then fdatasyncs the data file (what a killed process left in the page cache)
 and *compacts*: it writes the recovered map as a new checkpoint with a new
 epoch, so what it recovered is durable and nothing is ever appended after a
-torn tail.  (If the directory is too full for that, open still succeeds and
-the first flush writes the checkpoint.)  Flush compacts too when the journal
+torn tail.  (If the directory is too full for that, open fsyncs the journal
+it replayed instead, still succeeds, and the first flush writes the
+checkpoint.)  Before it removes anything, open fsyncs the directory: the
+``meta`` it read may have been renamed into place by a process that died (or
+whose directory fsync failed) before making that durable, and an older
+``meta`` must not come back once the files it names are gone, nor after
+contents it does not have were served.  Flush compacts too when the journal
 has grown past ``COMPACT_MIN`` and twice its checkpoint, when pending changes
 pile up past 65536 runs without a flush, and after any failed metadata write.
 Epoch and generation numbers only grow, so a name a failed attempt may have
@@ -134,6 +139,16 @@ system refuses (``ENOSPC``/``EDQUOT``: the data directory is full) leaves the
 chunk's state as it was and punches back the space the partial copy took; the
 SCSI layer reports either as SPACE ALLOCATION FAILED WRITE PROTECT.  Writes
 into ``DATA`` chunks never allocate (the chunk was written whole).
+
+Layers
+======
+
+An overlay's base may be another overlay (a user disk is a chain of them,
+:mod:`mobinux.storage.chain`).  Two calls support merging a layer away:
+:meth:`Overlay.absorb_base` copies up (or marks ``ZERO``) the ``BASE`` chunks
+of a range without changing what they read, and :meth:`Overlay.rebase` then
+swaps the base for one that agrees with it everywhere else.  Nothing on disk
+names the base, so the format above is unchanged.
 
 Concurrency
 ===========
@@ -493,6 +508,12 @@ class Overlay:
             raise _corrupt(f"{journal_name} is missing") from None
         valid_len, seq = _replay_journal(blob, cp.generation, cp.epoch, states)
 
+        # A killed process may have renamed this checkpoint into place without
+        # the directory fsync (it failed, or the kill came first).  Make it
+        # durable before removing the files an older checkpoint names, and
+        # before serving what it says: else a power loss could bring back the
+        # older one -- naming deleted files, or contents we no longer show.
+        files.sync()
         keep = {META, _data_name(cp.generation), journal_name}
         for name in files.listdir():
             if _OWN_FILE.match(name) and name not in keep:
@@ -536,6 +557,16 @@ class Overlay:
                 # checkpoint (with a new epoch) before anything else, so the
                 # replayed journal is never appended to after its torn tail.
                 journal = files.open_meta(journal_name)
+                # What we recovered must be durable before anyone reads it: the
+                # killed process may have appended records whose fsync failed
+                # (its flush reported the error), and without a new checkpoint
+                # only this journal holds them.  (If the failure above came
+                # after the rename, the new checkpoint holds the same map.)
+                try:
+                    journal.sync()
+                except BaseException:
+                    journal.close()
+                    raise
                 epoch, journal_len, need_checkpoint = cp.epoch, valid_len, True
                 cp_len = len(blob)
         except BaseException:
@@ -611,6 +642,15 @@ class Overlay:
     @property
     def closed(self) -> bool:
         return self._gen is None
+
+    def chunk_states(self) -> bytes:
+        """The chunk map as it is now: one of BASE/ZERO/DATA per chunk (flushed or not)."""
+        gen = self._enter()
+        try:
+            with self._lock:
+                return bytes(gen.states)
+        finally:
+            self._leave(gen)
 
     # -- helpers -------------------------------------------------------------
 
@@ -764,11 +804,14 @@ class Overlay:
         piece: memoryview | None,
         n: int,
         res: _Reservation,
+        *,
+        only_base: bool = False,
     ) -> bool:
         """Make chunk *c* DATA with *piece* (None: zeros) at *pos*; False if it already was.
 
         Takes the chunk's space from *res* or, if that is spent (the chunk was
         DATA when the caller reserved, and was discarded since), reserves it.
+        With *only_base*, a chunk that is not BASE (any more) is left alone.
         """
         cstart = c * self._chunk_size
         clen = self._chunk_end(c) - cstart
@@ -776,7 +819,7 @@ class Overlay:
             while self._busy(gen, c, c + 1):
                 self._cond.wait()
             state = gen.states[c]
-            if state == DATA:
+            if state == DATA or (only_base and state != BASE):
                 return False
             if res.left >= clen:
                 res.left -= clen
@@ -963,6 +1006,53 @@ class Overlay:
                     self._log(gen, first, end - first, ZERO)
                 self._cond.notify_all()
 
+    def absorb_base(self, first: int, end: int) -> int:
+        """Stop depending on the base in chunks [first, end), without changing any byte read.
+
+        Each of these chunks that is ``BASE`` is read from the base and becomes
+        ``ZERO`` if that read zeros (costs no space), else ``DATA`` holding what
+        was read (a copy-up).  Chunks written, zeroed or discarded meanwhile are
+        left alone (the same busy-chunk rule as copy-up), so this may run while
+        the overlay is in use.  The base must not change meanwhile.
+
+        After it (and a flush, for a crash), the overlay reads the same over any
+        base that agrees with the current one outside [first, end) -- see
+        :meth:`rebase`.  Merging a user disk's snapshot layer into the one above
+        is exactly that.  Returns the bytes copied up.  Crash safe as copy-up
+        is: until a flush, a crash leaves these chunks ``BASE``, which reads the
+        same.  ``ENOSPC`` past ``limit``, like a write.
+        """
+        if not 0 <= first <= end <= self._nchunks:
+            raise ValueError(f"chunk range [{first}, {end}) outside [0, {self._nchunks})")
+        gen = self._enter()
+        try:
+            copied = 0
+            buf = bytearray(self._chunk_size)
+            for c in range(first, end):
+                if gen.states[c] != BASE:  # a hint only: rechecked under the lock below
+                    continue
+                cstart = c * self._chunk_size
+                clen = self._chunk_end(c) - cstart
+                view = memoryview(buf)[:clen]
+                self._base.read_into(cstart, view)
+                if buf.count(0, 0, clen) == clen:
+                    self._base_to_zero(gen, c)
+                elif self._copy_up(gen, c, cstart, view, clen, _Reservation(0), only_base=True):
+                    copied += clen
+            return copied
+        finally:
+            self._leave(gen)
+
+    def _base_to_zero(self, gen: _Generation, c: int) -> None:
+        """Mark chunk *c* ZERO if it is still BASE (whose base part reads zeros)."""
+        with self._cond:
+            while self._busy(gen, c, c + 1):
+                self._cond.wait()
+            if gen.states[c] == BASE:
+                # No hole to punch: a BASE chunk's bytes in the data file are never read.
+                gen.states[c] = ZERO
+                self._log(gen, c, 1, ZERO)
+
     def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """DATA chunks are mapped, ZERO chunks unmapped, BASE chunks as the base says."""
         check_range(self._size, offset, length)
@@ -1040,6 +1130,19 @@ class Overlay:
                 with contextlib.suppress(OSError):
                     files.unlink(name)
 
+    def rebase(self, base: BlockDevice) -> None:
+        """Read through *base* from now on instead of the current base.
+
+        The caller promises that *base* reads the same as the current base in
+        every chunk that is ``BASE`` here (e.g. after :meth:`absorb_base` of the
+        chunks where they differ), so no byte read changes, and that no I/O is
+        in flight.  Nothing on disk names the base: after a restart, the caller
+        opens the overlay over whichever base it recorded.
+        """
+        if base.size != self._size:
+            raise ValueError(f"a base of {base.size} bytes cannot replace one of {self._size}")
+        self._base = base
+
     def _retire(self, gen: _Generation) -> None:
         """Close *gen*'s files now or when its last I/O returns (lock held)."""
         gen.retired = True
@@ -1047,14 +1150,19 @@ class Overlay:
             gen.closed = True
             _close_generation(gen)
 
-    def close(self) -> None:
-        """Flush, then close the overlay's files (not the base).  Idempotent."""
+    def close(self, *, flush: bool = True) -> None:
+        """Flush, then close the overlay's files (not the base).  Idempotent.
+
+        ``flush=False`` closes without flushing, for an overlay about to be
+        deleted: what was not flushed may then be lost, as after a kill.
+        """
         with self._meta_lock:
             gen = self._gen
             if gen is None:
                 return
             try:
-                self._flush_locked(gen)
+                if flush:
+                    self._flush_locked(gen)
             finally:
                 with self._lock:
                     self._gen = None

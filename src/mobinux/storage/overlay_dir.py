@@ -15,6 +15,10 @@ the POSIX ones with nothing assumed beyond them:
 * a *name* (creation, rename, unlink) is durable only after ``sync()`` of the
   directory; before that a power loss may keep any prefix of the name changes;
 * ``rename`` replaces the target atomically.
+
+:class:`TreeDir` adds subdirectories (:class:`PosixDir` and
+:class:`~mobinux.storage.powerloss.PowerLossDir` are both), for the user disks
+of :mod:`mobinux.storage.chain`, whose layers are one overlay directory each.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 from pathlib import Path
 from typing import Protocol
 
@@ -91,6 +96,26 @@ class OverlayDir(Protocol):
 
     def sync(self) -> None:
         """fsync the directory: every name change so far is durable."""
+        ...
+
+
+class TreeDir(OverlayDir, Protocol):
+    """A directory that also holds subdirectories (a user disk's layers, one each)."""
+
+    def subdir(self, name: str) -> TreeDir:
+        """The subdirectory *name*, made (with its name durable) if it is missing."""
+        ...
+
+    def subdirs(self) -> list[str]:
+        """The names of the subdirectories."""
+        ...
+
+    def remove_subdir(self, name: str) -> None:
+        """Remove *name* and everything in it; a missing one is not an error.
+
+        Not durable by itself (like ``rm -r``): after a crash part of it may be
+        back, so callers remove only what they no longer name, and again later.
+        """
         ...
 
 
@@ -167,6 +192,24 @@ class PosixDir:
 
     def sync(self) -> None:
         _fsync_dir(self.path)
+
+    def subdir(self, name: str) -> PosixDir:
+        _check_subdir_name(name)
+        return PosixDir(self.path / name)
+
+    def subdirs(self) -> list[str]:
+        with os.scandir(self.path) as entries:
+            return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+
+    def remove_subdir(self, name: str) -> None:
+        _check_subdir_name(name)
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(self.path / name)
+
+
+def _check_subdir_name(name: str) -> None:
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise ValueError(f"bad subdirectory name {name!r}")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -7,8 +7,13 @@ for every file, what reads see *and* what is durable, and for the directory
 the names as they are *and* as they were at the last directory sync:
 
 * file contents become durable only at that file's ``sync``/``flush``;
-* names (create, rename, unlink) become durable only at the directory's
-  ``sync``.
+* names (create, rename, unlink) become durable only at the ``sync`` of the
+  directory holding them.
+
+It is also a :class:`~mobinux.storage.overlay_dir.TreeDir`: :meth:`PowerLossDir.
+subdir` gives a :class:`PowerLossSubDir`, a directory in the same file system
+(same files, same power), so several overlays -- or the layers of a user disk
+-- can share one power switch.  Each directory syncs only its own names.
 
 :meth:`PowerLossDir.power_cut` throws away what is not durable, in one of three
 ways (``mode``), from kindest to nastiest:
@@ -17,7 +22,8 @@ ways (``mode``), from kindest to nastiest:
     every unsynced write and name change is lost;
 ``"tear"``
     as ``drop``, except that a random subset of the 512-byte sectors of each
-    file's *last* unsynced write reached the media, and a random prefix of the
+    file's *last* unsynced write reached the media (each such sector whole, as
+    the page cache held it right after that write), and a random prefix of the
     unsynced name changes (a journalling file system commits them in order)
     survived;
 ``"scramble"``
@@ -107,13 +113,19 @@ def _after_loss(inode: _Inode, mode: LossMode, rng: random.Random) -> bytearray:
         kind, offset, arg = inode.log[-1]
         if kind == "write":
             assert isinstance(arg, bytes)
-            end = offset + len(arg)
+            # A torn sector holds what the *whole* sector held right after the
+            # write (the page cache's copy, which includes earlier unsynced
+            # writes to the same sector) -- never the written bytes pasted onto
+            # the synced sector: a sector reaches the media whole, so a value
+            # the sector never held cannot appear.  The last write is the last
+            # change, so the sector's current contents are exactly that value.
+            current = inode.data
             for s in _sectors(offset, len(arg)):
                 if rng.random() < 0.5:
-                    a, b = max(offset, s * SECTOR), min(end, (s + 1) * SECTOR)
+                    a, b = s * SECTOR, min((s + 1) * SECTOR, len(current))
                     if len(out) < b:
                         out.extend(bytes(b - len(out)))
-                    out[a:b] = arg[a - offset : b - offset]
+                    out[a:b] = current[a:b]
         return out
     # scramble: each touched sector takes any value it held since the sync.
     cur = bytearray(inode.synced)
@@ -334,54 +346,68 @@ class PowerLossDir:
         if failure is not None:
             raise failure
 
-    # -- OverlayDir --------------------------------------------------------
+    # -- directories -------------------------------------------------------
+    #
+    # Names are paths ("l3/meta"): a directory is the set of names under its
+    # prefix, and exists while it holds a file.  Each directory syncs its own
+    # name changes, as fsync of a POSIX directory does; a new subdirectory's
+    # own name is durable at once (PosixDir fsyncs the parent when it makes one).
 
-    def listdir(self) -> list[str]:
+    def _in_dir(self, prefix: str, name: str) -> bool:
+        return name.startswith(prefix) and "/" not in name[len(prefix) :]
+
+    def _listdir(self, prefix: str) -> list[str]:
         with self._lock:
             self._check_alive()
-            return sorted(self._names)
+            return sorted(n[len(prefix) :] for n in self._names if self._in_dir(prefix, n))
 
-    def read(self, name: str) -> bytes:
+    def _subdirs(self, prefix: str) -> list[str]:
+        with self._lock:
+            self._check_alive()
+            rests = [n[len(prefix) :] for n in self._names if n.startswith(prefix)]
+            return sorted({rest.split("/", 1)[0] for rest in rests if "/" in rest})
+
+    def _read(self, path: str) -> bytes:
         with self._lock:
             self._check_alive()
             try:
-                return bytes(self._names[name].data)
+                return bytes(self._names[path].data)
             except KeyError:
-                raise FileNotFoundError(errno.ENOENT, "no such file", name) from None
+                raise FileNotFoundError(errno.ENOENT, "no such file", path) from None
 
     def _link(self, name: str, inode: _Inode) -> None:
         self._names[name] = inode
         self._name_log.append(("link", name, inode))
 
-    def create(self, name: str) -> MetaFile:
+    def _create(self, path: str) -> MetaFile:
         with self._lock:
             self._mutate_or_raise()
             inode = _Inode(bytearray())
-            self._link(name, inode)
+            self._link(path, inode)
             return _MetaHandle(self, inode)
 
-    def open_meta(self, name: str) -> MetaFile:
+    def _open_meta(self, path: str) -> MetaFile:
         with self._lock:
             self._check_alive()
-            if name not in self._names:
-                raise FileNotFoundError(errno.ENOENT, "no such file", name)
-            return _MetaHandle(self, self._names[name])
+            if path not in self._names:
+                raise FileNotFoundError(errno.ENOENT, "no such file", path)
+            return _MetaHandle(self, self._names[path])
 
-    def create_data(self, name: str, size: int) -> None:
+    def _create_data(self, path: str, size: int) -> None:
         with self._lock:
             self._mutate_or_raise()
-            if name in self._names:
-                raise FileExistsError(errno.EEXIST, "file exists", name)
-            self._link(name, _Inode(bytearray(size)))
+            if path in self._names:
+                raise FileExistsError(errno.EEXIST, "file exists", path)
+            self._link(path, _Inode(bytearray(size)))
 
-    def open_data(self, name: str) -> DataFile:
+    def _open_data(self, path: str) -> DataFile:
         with self._lock:
             self._check_alive()
-            if name not in self._names:
-                raise FileNotFoundError(errno.ENOENT, "no such file", name)
-            return _DataHandle(self, self._names[name])
+            if path not in self._names:
+                raise FileNotFoundError(errno.ENOENT, "no such file", path)
+            return _DataHandle(self, self._names[path])
 
-    def rename(self, src: str, dst: str) -> None:
+    def _rename(self, src: str, dst: str) -> None:
         with self._lock:
             self._mutate_or_raise()
             if src not in self._names:
@@ -389,14 +415,118 @@ class PowerLossDir:
             self._names[dst] = self._names.pop(src)
             self._name_log.append(("rename", src, dst))
 
-    def unlink(self, name: str) -> None:
+    def _unlink(self, path: str) -> None:
         with self._lock:
             self._mutate_or_raise()
-            if self._names.pop(name, None) is not None:
-                self._name_log.append(("unlink", name, None))
+            if self._names.pop(path, None) is not None:
+                self._name_log.append(("unlink", path, None))
+
+    def _remove_tree(self, prefix: str) -> None:
+        """Unlink every file under *prefix*, one call each (as rmtree does)."""
+        with self._lock:
+            names = sorted(n for n in self._names if n.startswith(prefix))
+        for name in names:
+            self._unlink(name)
+
+    def sync_dir(self, prefix: str) -> None:
+        """fsync the directory *prefix* ("" for the root, else ending in "/")."""
+        with self._lock:
+            self._mutate_or_raise()
+            for name in set(self._names) | set(self._synced_names):
+                if self._in_dir(prefix, name):
+                    if name in self._names:
+                        self._synced_names[name] = self._names[name]
+                    else:
+                        self._synced_names.pop(name, None)
+            # Renames stay within one directory, so their source decides.
+            self._name_log = [e for e in self._name_log if not self._in_dir(prefix, e[1])]
+
+    # -- OverlayDir / TreeDir of the root directory ---------------------------
+
+    def listdir(self) -> list[str]:
+        return self._listdir("")
+
+    def read(self, name: str) -> bytes:
+        return self._read(name)
+
+    def create(self, name: str) -> MetaFile:
+        return self._create(name)
+
+    def open_meta(self, name: str) -> MetaFile:
+        return self._open_meta(name)
+
+    def create_data(self, name: str, size: int) -> None:
+        self._create_data(name, size)
+
+    def open_data(self, name: str) -> DataFile:
+        return self._open_data(name)
+
+    def rename(self, src: str, dst: str) -> None:
+        self._rename(src, dst)
+
+    def unlink(self, name: str) -> None:
+        self._unlink(name)
 
     def sync(self) -> None:
-        with self._lock:
-            self._mutate_or_raise()
-            self._synced_names = dict(self._names)
-            self._name_log.clear()
+        self.sync_dir("")
+
+    def subdir(self, name: str) -> PowerLossSubDir:
+        return PowerLossSubDir(self, name + "/")
+
+    def subdirs(self) -> list[str]:
+        return self._subdirs("")
+
+    def remove_subdir(self, name: str) -> None:
+        self._remove_tree(name + "/")
+
+
+class PowerLossSubDir:
+    """A directory inside a :class:`PowerLossDir` (the same files, the same power).
+
+    File calls go through the root's public methods with the whole path, so a
+    test subclass of PowerLossDir that overrides one sees the subdirectories' too.
+    """
+
+    def __init__(self, fs: PowerLossDir, prefix: str) -> None:
+        if not prefix.endswith("/") or prefix.startswith("/") or "//" in prefix:
+            raise ValueError(f"bad directory prefix {prefix!r}")
+        self.fs, self.prefix = fs, prefix
+
+    def __repr__(self) -> str:
+        return f"PowerLossSubDir({self.prefix!r})"
+
+    def listdir(self) -> list[str]:
+        return self.fs._listdir(self.prefix)
+
+    def read(self, name: str) -> bytes:
+        return self.fs.read(self.prefix + name)
+
+    def create(self, name: str) -> MetaFile:
+        return self.fs.create(self.prefix + name)
+
+    def open_meta(self, name: str) -> MetaFile:
+        return self.fs.open_meta(self.prefix + name)
+
+    def create_data(self, name: str, size: int) -> None:
+        self.fs.create_data(self.prefix + name, size)
+
+    def open_data(self, name: str) -> DataFile:
+        return self.fs.open_data(self.prefix + name)
+
+    def rename(self, src: str, dst: str) -> None:
+        self.fs.rename(self.prefix + src, self.prefix + dst)
+
+    def unlink(self, name: str) -> None:
+        self.fs.unlink(self.prefix + name)
+
+    def sync(self) -> None:
+        self.fs.sync_dir(self.prefix)
+
+    def subdir(self, name: str) -> PowerLossSubDir:
+        return PowerLossSubDir(self.fs, self.prefix + name + "/")
+
+    def subdirs(self) -> list[str]:
+        return self.fs._subdirs(self.prefix)
+
+    def remove_subdir(self, name: str) -> None:
+        self.fs._remove_tree(self.prefix + name + "/")
